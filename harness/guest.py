@@ -1,0 +1,162 @@
+"""GuestSession: run commands in the guest over a channel the kernel log never touches.
+
+The channel is the guest's second serial port (ttyS1), driven with pexpect;
+the kernel's console is ttyS0. The guest side is `guestfs/harness-agent`; its
+protocol frames stdout, stderr and the exit status with per-command tokens, so
+output is never mistaken for a marker and never mixed with printk.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pexpect
+import pexpect.fdpexpect
+
+from harness.errors import GuestUnresponsive
+
+_CHUNK = 32 * 1024
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        # `rc, out = guest.run(...)` reads naturally in tests.
+        return iter((self.exit_code, self.stdout))
+
+
+class CommandFailed(AssertionError):
+    """A guest command given check=True exited non-zero (an assertion about the guest)."""
+
+    def __init__(self, result: CommandResult) -> None:
+        detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        super().__init__(f"guest command {result.command!r} exited {result.exit_code}: "
+                         + " | ".join(detail))
+        self.result = result
+
+
+class GuestSession:
+    """Commands, file transfer and the release string of a running guest."""
+
+    def __init__(self, sock: socket.socket, transcript: Path | None = None,
+                 default_timeout: float = 60.0) -> None:
+        self._sock = sock
+        self._log: BinaryIO | None = open(transcript, "ab") if transcript else None
+        self._child = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=default_timeout,
+                                                logfile=self._log)
+        self._prefix = secrets.token_hex(3)
+        self._seq = 0
+        self.default_timeout = default_timeout
+        self.release: str | None = None
+        self._broken: str | None = None
+        self.closed = False
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the agent announced itself (`@@READY <release>`).
+
+        False on timeout, and also once the channel is closed (`closed` tells).
+        """
+        if self.release is not None:
+            return True
+        if self.closed:
+            return False
+        try:
+            self._child.expect(rb"@@READY (\S+)\n", timeout=timeout)
+        except pexpect.TIMEOUT:
+            return False
+        except pexpect.EOF:
+            self.closed = True
+            return False
+        self.release = self._child.match.group(1).decode()
+        return True
+
+    def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
+        """Run a shell command in the guest; returns exit code, stdout and stderr.
+
+        The guest kills the command after `timeout` seconds (exit code 137);
+        if the guest does not answer a few seconds after that, the session is
+        broken and GuestUnresponsive is raised (now and for every later call).
+        With check=True a non-zero exit raises CommandFailed.
+        """
+        if self._broken:
+            raise GuestUnresponsive(self._broken)
+        limit = self.default_timeout if timeout is None else timeout
+        self._seq += 1
+        token = f"{self._prefix}{self._seq}".encode()
+        payload = base64.b64encode(command.encode()).decode()
+        start = time.monotonic()
+        self._child.send(f"{token.decode()} {max(1, math.ceil(limit))} {payload}\n".encode())
+        try:
+            self._child.expect(re.escape(b"@@E" + token + b" ") + rb"(\d+)\n", timeout=limit + 10)
+        except pexpect.TIMEOUT:
+            self._broken = (f"guest did not answer {command!r} within {limit + 10:.0f} s "
+                            "(command channel stuck: kernel hang?)")
+            raise GuestUnresponsive(self._broken) from None
+        except pexpect.EOF:
+            self._broken = f"command channel closed while running {command!r} (guest died?)"
+            raise GuestUnresponsive(self._broken) from None
+        rc = int(self._child.match.group(1))
+        raw: bytes = self._child.before
+        begin = raw.rfind(b"@@B" + token + b"\n")
+        body = raw[begin + len(token) + 4:] if begin >= 0 else raw
+        out, _, err = body.partition(b"\n@@M" + token + b"\n")
+        result = CommandResult(
+            command=command, exit_code=rc,
+            stdout=out.decode("utf-8", "replace"),
+            stderr=err[:-1].decode("utf-8", "replace") if err.endswith(b"\n") else err.decode(
+                "utf-8", "replace"),
+            seconds=time.monotonic() - start,
+        )
+        if check and rc != 0:
+            raise CommandFailed(result)
+        return result
+
+    def check(self, command: str, timeout: float | None = None) -> str:
+        """Run a command that must succeed; returns its stdout."""
+        return self.run(command, timeout, check=True).stdout
+
+    def read_text(self, path: str) -> str:
+        return self.check(f"cat {_quote(path)}")
+
+    def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
+        """Write bytes to a file in the guest."""
+        self.check(f": > {_quote(remote)}")
+        for i in range(0, len(data), _CHUNK):
+            chunk = base64.b64encode(data[i:i + _CHUNK]).decode()
+            self.check(f"echo {chunk} | base64 -d >> {_quote(remote)}")
+        self.check(f"chmod {mode:o} {_quote(remote)}")
+
+    def get(self, remote: str) -> bytes:
+        """Read a file from the guest."""
+        return base64.b64decode(self.check(f"base64 {_quote(remote)}"))
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"

@@ -1,0 +1,197 @@
+"""The guest userspace: a busybox initramfs built and cached by the harness.
+
+Contents: static busybox with its applet links, /init and the command agent
+from `harness/guestfs/`, the kernel modules a profile asks for (with their
+dependencies, decompressed, in load order) and any extra files (guest tools).
+The image is an uncompressed cpio: decompressing it in the guest under TCG
+costs more boot time than copying a few extra megabytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import lzma
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.cpio import CpioWriter
+from harness.errors import InfraError
+from harness.kernel import Kernel
+from harness.paths import atomic_write, cache_dir
+
+FORMAT = "initramfs-v1"
+GUESTFS = Path(__file__).resolve().parent / "guestfs"
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+
+
+@dataclass(frozen=True)
+class Initramfs:
+    path: Path
+    sha256: str
+    modules: tuple[str, ...]
+    missing_modules: tuple[str, ...]
+
+
+def _busybox() -> Path:
+    for candidate in BUSYBOX_CANDIDATES:
+        path = Path(candidate)
+        if path.is_file():
+            return path
+    raise InfraError("busybox not found: install the busybox-static package")
+
+
+def _busybox_applets(busybox: Path) -> list[str]:
+    out = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, timeout=10, check=True,
+    ).stdout
+    return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _module_name(relpath: str) -> str:
+    base = relpath.rsplit("/", 1)[-1]
+    return _norm(base.split(".ko", 1)[0])
+
+
+def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
+    """Parse depmod's modules.dep: `path.ko: dep1.ko dep2.ko` per line.
+
+    Returns {module name: (path, [dependency paths])}.
+    """
+    table: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        path, _, deps = line.partition(":")
+        table[_module_name(path.strip())] = (path.strip(), deps.split())
+    return table
+
+
+def resolve_modules(
+    wanted: tuple[str, ...], modules_dep: str, builtin: str
+) -> tuple[list[str], list[str]]:
+    """Module paths to insmod in order (dependencies first), and names not found.
+
+    Names built into the kernel (modules.builtin) need nothing and are neither.
+    """
+    table = parse_modules_dep(modules_dep)
+    builtin_names = {_module_name(line.strip()) for line in builtin.splitlines() if line.strip()}
+    by_path = {path: name for name, (path, _) in table.items()}
+    order: list[str] = []
+    missing: list[str] = []
+
+    def visit(name: str) -> None:
+        path, deps = table[name]
+        if path in order:
+            return
+        for dep in deps:
+            visit(by_path.get(dep, _module_name(dep)))
+        order.append(path)
+
+    for raw in wanted:
+        name = _norm(raw)
+        if name in builtin_names:
+            continue
+        if name not in table:
+            missing.append(raw)
+            continue
+        visit(name)
+    return order, missing
+
+
+def _read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    if path.suffix == ".zst":
+        zstd = shutil.which("zstd")
+        if not zstd:
+            raise InfraError(f"module {path.name} is zstd-compressed: install the zstd package")
+        return subprocess.run(
+            [zstd, "-dc", str(path)], capture_output=True, timeout=60, check=True,
+        ).stdout
+    return data
+
+
+def build_initramfs(
+    kernel: Kernel,
+    modules: tuple[str, ...] = (),
+    extra_files: tuple[tuple[str, Path], ...] = (),
+) -> Initramfs:
+    """Build (or take from the cache) the initramfs for `kernel`.
+
+    Raises InfraError when busybox is missing. Modules the kernel does not have
+    are reported in `missing_modules`, not raised: the tests that need them say so.
+    """
+    busybox = _busybox()
+    order: list[str] = []
+    missing: list[str] = list(modules) if modules and kernel.modules_dir is None else []
+    if modules and kernel.modules_dir is not None:
+        dep = kernel.modules_dir / "modules.dep"
+        builtin = kernel.modules_dir / "modules.builtin"
+        order, missing = resolve_modules(
+            modules,
+            dep.read_text() if dep.exists() else "",
+            builtin.read_text() if builtin.exists() else "",
+        )
+    key = hashlib.sha256()
+    for part in (FORMAT, kernel.release, kernel.sha256, *order, *missing):
+        key.update(part.encode() + b"\0")
+    key.update(busybox.read_bytes())
+    for script in sorted(GUESTFS.iterdir()):
+        key.update(script.name.encode() + script.read_bytes())
+    for name, src in extra_files:
+        key.update(name.encode() + b"\0" + src.read_bytes())
+    digest = key.hexdigest()
+    path = cache_dir() / "initramfs" / f"{digest[:24]}.cpio"
+    if not path.exists():
+        atomic_write(path, _render(busybox, kernel, order, extra_files))
+    return Initramfs(path=path, sha256=digest, modules=tuple(order), missing_modules=tuple(missing))
+
+
+def _render(
+    busybox: Path, kernel: Kernel, order: list[str], extra_files: tuple[tuple[str, Path], ...]
+) -> bytes:
+    buf = io.BytesIO()
+    cpio = CpioWriter(buf)
+    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "etc/harness", "proc", "sys",
+              "dev", "tmp", "run", "root", "lib", "lib/modules"):
+        cpio.directory(d)
+    # The kernel opens /dev/console for init before devtmpfs is mounted.
+    cpio.char_device("dev/console", 5, 1)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    for applet in _busybox_applets(busybox):
+        target = applet.lstrip("/")
+        if target != "bin/busybox" and target.split("/")[0] in ("bin", "sbin", "usr"):
+            cpio.symlink(target, "/bin/busybox")
+    cpio.file("init", (GUESTFS / "init").read_bytes(), 0o755)
+    cpio.file("bin/harness-agent", (GUESTFS / "harness-agent").read_bytes(), 0o755)
+    cpio.file("etc/profile", (GUESTFS / "profile").read_bytes())
+    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.file("etc/group", b"root:x:0:\n")
+    if order and kernel.modules_dir is not None:
+        made = {"lib/modules"}
+        for rel in order:
+            target = "lib/modules/" + rel.split(".ko", 1)[0] + ".ko"
+            parts = target.split("/")
+            for i in range(3, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in made:
+                    cpio.directory(d)
+                    made.add(d)
+            cpio.file(target, _read_module(kernel.modules_dir / rel))
+        listing = "".join(rel.split(".ko", 1)[0] + ".ko\n" for rel in order)
+        cpio.file("etc/harness/modules", listing.encode())
+    for name, src in extra_files:
+        cpio.file(name.lstrip("/"), src.read_bytes(), 0o755)
+    cpio.finish()
+    return buf.getvalue()

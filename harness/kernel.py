@@ -1,0 +1,205 @@
+"""Kernels to boot: a bzImage path or a Debian `linux-image-*` package.
+
+`debian:<package>` downloads the package with apt into the artifact cache,
+unpacks it with its modules and runs depmod on the unpacked tree (the package's
+postinst would do that on a real install). `debian:linux-image-cloud-amd64`
+(a meta-package) resolves to the versioned package it depends on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import BadInput, InfraError
+from harness.paths import cache_dir
+
+DEFAULT_KERNEL = "debian:linux-image-cloud-amd64"
+_PKG_RE = re.compile(r"^linux-image-[a-z0-9.+-]+$")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A bootable kernel image and what is known about it."""
+
+    spec: str
+    image: Path
+    release: str
+    sha256: str
+    modules_dir: Path | None = None
+    package: str | None = None
+    series: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "spec": self.spec,
+            "image": str(self.image),
+            "release": self.release,
+            "sha256": self.sha256,
+            "modules_dir": str(self.modules_dir) if self.modules_dir else None,
+            "package": self.package,
+            "series": list(self.series),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Kernel:
+        modules = data.get("modules_dir")
+        return cls(
+            spec=str(data["spec"]),
+            image=Path(str(data["image"])),
+            release=str(data["release"]),
+            sha256=str(data["sha256"]),
+            modules_dir=Path(str(modules)) if modules else None,
+            package=str(data["package"]) if data.get("package") else None,
+            series=tuple(str(s) for s in data.get("series") or ()),  # type: ignore[union-attr]
+        )
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bzimage_release(path: Path) -> str:
+    """Read the release string from a bzImage's setup header.
+
+    The header (at 0x1f1) carries the "HdrS" magic at 0x202 and, at 0x20e, a
+    pointer (relative to 0x200) to the version string "6.1.0-56-cloud-amd64
+    (debian-kernel@...) #1 SMP ...". Raises BadInput for anything else.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x10000)
+    except OSError as e:
+        raise BadInput(f"kernel {path}: {e.strerror}") from None
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        raise BadInput(f"kernel {path}: not a bzImage (no HdrS setup header)")
+    ptr = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    text = head[ptr:ptr + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+    if not text:
+        raise BadInput(f"kernel {path}: bzImage has no version string")
+    return text.split()[0]
+
+
+def resolve_kernel(spec: str) -> Kernel:
+    """Turn a --kernel argument into a Kernel. Raises BadInput or InfraError."""
+    if spec.startswith("debian:"):
+        return _debian_kernel(spec[len("debian:"):], spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise BadInput(f"kernel {spec}: no such file")
+    if path.is_dir():
+        for candidate in (path / "arch/x86/boot/bzImage", path / "bzImage"):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise BadInput(f"kernel {spec}: directory holds no bzImage")
+    path = path.resolve()
+    release = bzimage_release(path)
+    modules = None
+    for guess in (path.parent / "modules" / "lib/modules" / release, Path("/lib/modules") / release):
+        if guess.is_dir():
+            modules = guess
+            break
+    return Kernel(spec=spec, image=path, release=release, sha256=file_sha256(path), modules_dir=modules)
+
+
+def _apt(args: list[str], what: str, cwd: str | None = None) -> str:
+    try:
+        proc = subprocess.run(
+            args, capture_output=True, text=True, timeout=600, check=False, cwd=cwd,
+        )
+    except FileNotFoundError:
+        raise InfraError(f"{what}: {args[0]} not found (is this a Debian host?)") from None
+    except subprocess.TimeoutExpired:
+        raise InfraError(f"{what}: {args[0]} timed out after 600 s") from None
+    if proc.returncode != 0:
+        raise _AptFailed(proc.stderr.strip() or proc.stdout.strip())
+    return proc.stdout
+
+
+class _AptFailed(Exception):
+    pass
+
+
+def _concrete_package(package: str) -> str:
+    """Follow a meta-package (linux-image-cloud-amd64) to the versioned image."""
+    if re.search(r"-\d", package.removeprefix("linux-image-")):
+        return package
+    try:
+        out = _apt(["apt-cache", "depends", package], f"package {package}")
+    except _AptFailed as e:
+        raise BadInput(f"package {package}: {e}") from None
+    for line in out.splitlines():
+        m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
+        if m:
+            return m.group(1)
+    raise BadInput(f"package {package}: not a linux-image package apt knows")
+
+
+def _debian_kernel(package: str, spec: str) -> Kernel:
+    if not _PKG_RE.match(package):
+        raise BadInput(f"kernel {spec}: expected debian:linux-image-<version>-<flavour>")
+    package = _concrete_package(package)
+    root = cache_dir() / "debian" / package
+    stamp = root / ".unpacked"
+    if not stamp.exists():
+        _download_and_unpack(package, root)
+    releases = sorted(p.name for p in (root / "lib/modules").iterdir() if p.is_dir())
+    if not releases:
+        raise InfraError(f"package {package}: unpacked tree has no lib/modules")
+    release = releases[0]
+    image = root / "boot" / f"vmlinuz-{release}"
+    return Kernel(
+        spec=spec,
+        image=image,
+        release=release,
+        sha256=stamp.read_text().strip(),
+        modules_dir=root / "lib/modules" / release,
+        package=package,
+    )
+
+
+def _download_and_unpack(package: str, root: Path) -> None:
+    parent = root.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".dl-") as tmp:
+        # apt's sandbox user cannot write into root's private temp dirs.
+        os.chmod(tmp, 0o755)
+        try:
+            _apt(["apt-get", "download", "-q", package], f"package {package}", cwd=tmp)
+        except _AptFailed:
+            # A fresh machine may have stale package lists: refresh once.
+            try:
+                _apt(["apt-get", "update", "-q"], "apt-get update")
+                _apt(["apt-get", "download", "-q", package], f"package {package}", cwd=tmp)
+            except _AptFailed as e:
+                raise BadInput(f"package {package}: apt-get download failed: {e.args[0][-300:]}") from None
+        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if not debs:
+            raise InfraError(f"package {package}: apt-get download left no .deb")
+        deb = debs[-1]
+        staging = Path(tmp) / "root"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True, timeout=300)
+        releases = [p.name for p in (staging / "lib/modules").iterdir()]
+        for release in releases:
+            depmod = shutil.which("depmod") or "/sbin/depmod"
+            subprocess.run(
+                [depmod, "-b", str(staging), release], check=True, timeout=300,
+                capture_output=True,
+            )
+            image = staging / "boot" / f"vmlinuz-{release}"
+            (staging / ".unpacked").write_text(file_sha256(image) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staging, root)

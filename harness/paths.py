@@ -1,0 +1,42 @@
+"""Where things live: the repository's data folders and the artifact cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES_DIR = REPO / "qemu_cmdlines"
+KCONFIGS_DIR = REPO / "kconfigs"
+GUEST_TESTS_DIR = REPO / "guest_tests"
+RESULTS_DIR = REPO / "results"
+
+
+def cache_dir() -> Path:
+    """The artifact cache (kernels, initramfs images, probe results).
+
+    `HARNESS_CACHE` overrides it; otherwise `$XDG_CACHE_HOME/coco-harness`.
+    It lives outside the repository so that clones share it.
+    """
+    env = os.environ.get("HARNESS_CACHE")
+    if env:
+        path = Path(env)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        path = Path(base) / "coco-harness"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
+    """Write a file so that readers see the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    payload = data.encode() if isinstance(data, str) else data
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)

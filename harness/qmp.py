@@ -1,0 +1,100 @@
+"""A synchronous face on `qemu.qmp.QMPClient`, with events always collected.
+
+The async client runs on its own event-loop thread, so events (SHUTDOWN,
+DEVICE_DELETED, GUEST_PANICKED...) are received while the caller is busy
+elsewhere, and every call takes a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from qemu.qmp import QMPClient
+
+from harness.errors import InfraError
+
+T = TypeVar("T")
+Event = dict[str, Any]
+
+
+class QmpChannel:
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"qmp-{name}", daemon=True)
+        self._thread.start()
+        self._client = QMPClient(name)
+        self._events: list[Event] = []
+        self._cond = threading.Condition()
+        self._pump: asyncio.Task[None] | None = None
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self._loop)
+        try:
+            return future.result(timeout + 1)
+        except (TimeoutError, asyncio.TimeoutError):
+            future.cancel()
+            raise InfraError(f"QMP: no answer within {timeout:.0f} s") from None
+
+    def start_server(self, path: str) -> None:
+        """Listen on a unix socket for QEMU's `-chardev socket` (client) to connect."""
+        self._call(self._client.start_server(path), 10)
+
+    def accept(self, timeout: float) -> None:
+        """Wait for QEMU to connect and negotiate. Raises InfraError on timeout."""
+        self._call(self._client.accept(), timeout)
+        self._call(self._start_pump(), 5)
+
+    async def _start_pump(self) -> None:
+        self._pump = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        async for event in self._client.events:
+            with self._cond:
+                self._events.append(dict(event))
+                self._cond.notify_all()
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+        """Run a QMP command; raises qemu.qmp.ExecuteError or InfraError (timeout)."""
+        return self._call(self._client.execute(command, arguments), timeout)
+
+    def events(self) -> list[Event]:
+        with self._cond:
+            return list(self._events)
+
+    def wait_event(
+        self, name: str, timeout: float, match: Callable[[Event], bool] | None = None, since: int = 0,
+    ) -> Event | None:
+        """The first event `name` (index >= since) that matches, or None at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self._events[since:]:
+                    if event.get("event") == name and (match is None or match(event)):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    async def _stop(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        await self._client.disconnect()
+
+    def close(self) -> None:
+        """Disconnect and stop the loop thread; safe to call twice."""
+        if not self._loop.is_running():
+            return
+        try:
+            self._call(self._stop(), 5)
+        except Exception:  # noqa: BLE001 - closing must not mask the real error
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._loop.is_running():
+            self._loop.close()
