@@ -107,7 +107,9 @@ def resolve_kernel(spec: str) -> Kernel:
     path = path.resolve()
     release = bzimage_release(path)
     modules = None
-    for guess in (path.parent / "modules" / "lib/modules" / release, Path("/lib/modules") / release):
+    for guess in (path.parent / "modules" / "lib/modules" / release,
+                  path.parent.parent / "lib/modules" / release,  # an unpacked Debian package
+                  Path("/lib/modules") / release):
         if guess.is_dir():
             modules = guess
             break

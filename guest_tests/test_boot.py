@@ -1,0 +1,59 @@
+"""The first guest suite: the kernel booted, is the one asked for, and is healthy."""
+
+from __future__ import annotations
+
+import re
+
+from harness.dmesg import scan
+from harness.guest import GuestSession
+from harness.pytest_plugin import RunInfo
+
+
+def test_reached_userspace(guest: GuestSession) -> None:
+    result = guest.run("echo hello; echo oops >&2; test -d /proc/1")
+    assert result.exit_code == 0
+    assert result.stdout == "hello\n"
+    assert result.stderr == "oops\n"
+
+
+def test_booted_release_matches_kernel(guest: GuestSession, run_info: RunInfo) -> None:
+    assert guest.check("uname -r").strip() == run_info.kernel_release
+
+
+def test_kernel_cmdline_is_the_planned_one(guest: GuestSession, run_info: RunInfo) -> None:
+    assert guest.read_text("/proc/cmdline").strip() == run_info.plan.cmdline
+
+
+def test_dmesg_has_no_crash_or_warning(dmesg_lines: list[str]) -> None:
+    hits = scan(dmesg_lines)
+    assert not hits, "dmesg: " + " | ".join(f"{h.rule}: {h.line}" for h in hits[:5])
+
+
+def test_proc_is_sane(guest: GuestSession, run_info: RunInfo) -> None:
+    meminfo = guest.read_text("/proc/meminfo")
+    total_kib = int(re.search(r"MemTotal:\s+(\d+) kB", meminfo).group(1))  # type: ignore[union-attr]
+    asked_kib = run_info.plan.profile.memory_mib * 1024
+    # The kernel keeps some memory for itself; anything under half is wrong.
+    assert asked_kib // 2 < total_kib <= asked_kib
+    cpus = guest.read_text("/proc/cpuinfo").count("processor\t:")
+    assert cpus == run_info.plan.profile.smp
+    assert guest.check("cat /proc/1/comm").strip() in ("init", "sh")
+    assert "/sys/kernel/debug" in guest.read_text("/proc/mounts")
+
+
+def test_sys_is_sane(guest: GuestSession, run_info: RunInfo) -> None:
+    assert guest.run("test -e /sys/class/tty/ttyS0 && test -e /sys/class/tty/ttyS1").ok
+    online = guest.read_text("/sys/devices/system/cpu/online").strip()
+    expected = "0" if run_info.plan.profile.smp == 1 else f"0-{run_info.plan.profile.smp - 1}"
+    assert online == expected
+    # pcie-root-port is 1b36:000c; the profile's free hotplug slots must all be there.
+    ports = guest.check(
+        "for d in /sys/bus/pci/devices/*; do echo $(cat $d/vendor):$(cat $d/device); done"
+    ).split()
+    assert ports.count("0x1b36:0x000c") == run_info.plan.profile.hotplug_ports
+
+
+def test_profile_modules_are_loaded(guest: GuestSession, run_info: RunInfo) -> None:
+    missing = [m for m in run_info.plan.profile.modules
+               if not guest.run(f"test -d /sys/module/{m.replace('-', '_')}").ok]
+    assert not missing, f"modules the profile needs are not loaded: {missing}"

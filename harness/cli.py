@@ -1,0 +1,193 @@
+"""The `harness` command. `main(argv)` returns the exit code (see errors.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from harness import __version__
+from harness.errors import EXIT_BAD_INPUT, BadInput, HarnessError, Terminated
+from harness.kernel import DEFAULT_KERNEL
+from harness.paths import GUEST_TESTS_DIR
+from harness.profiles import available
+
+DEFAULT_PROFILE = "emulated"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadInput(f"{self.prog}: {message}")
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", default=DEFAULT_KERNEL,
+                   help=f"bzImage path, kernel build dir, or debian:<linux-image package> (default {DEFAULT_KERNEL})")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"QEMU profile from qemu_cmdlines/ (default {DEFAULT_PROFILE}; available: "
+                        f"{', '.join(available())})")
+    p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command-line arguments")
+    p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
+                   help="extra QEMU argument (repeat for each), appended after the profile's")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="harness", description="Linux kernel test harness for confidential-computing guests")
+    parser.add_argument("--version", action="version", version=f"harness {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("probe", help="host capabilities: KVM, SEV/SNP/TDX, IOMMU, vfio, QEMU, firmware")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="re-run the KVM probe guest")
+
+    p = sub.add_parser("run", help="boot a kernel under a profile and run the guest tests",
+                       epilog="Other arguments (-k EXPR, -n N, -x ...) are passed to pytest; "
+                              "so is everything after --.")
+    _add_launch_args(p)
+    p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
+    p.add_argument("--tests", type=Path, default=GUEST_TESTS_DIR, help="guest test directory")
+    p.add_argument("--timeout", type=float, default=1800.0, help="deadline for all guest tests, seconds")
+    p.add_argument("--dry-run", action="store_true", help="print the launch plan, start nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 instead of falling back when the host lacks the profile's hardware")
+
+    p = sub.add_parser("boot", help="boot and attach the terminal to the guest console (Ctrl-] leaves)")
+    _add_launch_args(p)
+    p.add_argument("--results", type=Path, default=Path("results"))
+
+    p = sub.add_parser("reproduce", help="re-run a recorded run exactly")
+    p.add_argument("result", type=Path, help="a results/<run-id> directory")
+    p.add_argument("--results", type=Path, default=None, help="results root (default: beside RESULT)")
+    return parser
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _dispatch(args_list)
+    except HarnessError as e:
+        print(f"harness: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated as e:
+        print(f"harness: {e}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(argv: list[str]) -> int:
+    parser = build_parser()
+    passthrough: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help and --version
+        return int(e.code or 0)
+    if extra and args.command != "run":
+        raise BadInput(f"harness {args.command}: unrecognized arguments: {' '.join(extra)}")
+    if args.command == "probe":
+        return _probe(args)
+    if args.command == "run":
+        return _run(args, [*extra, *passthrough], argv)
+    if args.command == "boot":
+        return _boot(args)
+    if args.command == "reproduce":
+        return _reproduce(args)
+    return EXIT_BAD_INPUT
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from harness.probe import probe_host
+
+    caps = probe_host(use_cache=not args.no_cache)
+    if args.json:
+        print(json.dumps(caps.to_json(), indent=2))
+        return 0
+    rows = [("kvm", caps.kvm), ("qemu", caps.qemu), ("qemu version", caps.qemu_version),
+            ("qemu coco objects", caps.qemu_objects), ("sev", caps.sev), ("sev-es", caps.sev_es),
+            ("sev-snp", caps.sev_snp), ("tdx", caps.tdx), ("iommu", caps.iommu), ("vfio-pci", caps.vfio_pci)]
+    rows += [(f"firmware {name}", fact) for name, fact in caps.firmware.items()]
+    for name, fact in rows:
+        value = fact.value
+        shown = {True: "yes", False: "no", None: "-"}.get(value, str(value)) if not isinstance(
+            value, str) else (value or "none")
+        if name == "kvm":
+            shown = fact.evidence
+        print(f"{name:20} {shown:34} {'' if name == 'kvm' else fact.evidence}".rstrip())
+    print(f"\nguests here run under {'KVM' if caps.kvm_usable else 'TCG (software emulation)'}")
+    return 0
+
+
+def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> int:
+    from harness.runner import RunRequest, run
+
+    if args.json and not args.dry_run:
+        raise BadInput("harness run: --json needs --dry-run")
+    req = RunRequest(kernel=args.kernel, profile=args.profile, append=args.append, results=args.results,
+                     tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
+                     timeout=args.timeout, dry_run=args.dry_run, json=args.json)
+    return run(req, argv)
+
+
+def _boot(args: argparse.Namespace) -> int:
+    from harness.console_tty import attach, write_through
+    from harness.machine import Machine
+    from harness.results import new_run_id
+    from harness.runner import RunRequest, make_plan, sweep_stale
+
+    plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile, append=args.append,
+                                   qemu_args=args.qemu_arg))
+    sweep_stale()
+    log_dir = args.results.resolve() / ("boot-" + new_run_id(plan.kernel.release, plan.profile.name))
+    print(f"booting {plan.kernel.release} under {plan.profile.name} ({plan.accel}); "
+          f"console log {log_dir}/console.log; Ctrl-] leaves", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="harness-") as socks, \
+            Machine(plan, log_dir, name="harness-boot", sock_parent=Path(socks),
+                    console_sink=write_through) as machine:
+        status = attach(machine)
+    print(f"\r\nharness: guest stopped; console log {log_dir}/console.log", file=sys.stderr)
+    return 0 if status == 0 else 1
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from harness.kernel import file_sha256
+    from harness.results import read_meta
+    from harness.runner import RunRequest, run
+
+    result = args.result.resolve()
+    if not (result / "meta.json").is_file():
+        raise BadInput(f"{args.result}: not a run directory (no meta.json)")
+    meta = read_meta(result)
+    inv = meta.get("invocation")
+    if not isinstance(inv, dict):
+        raise BadInput(f"{result}/meta.json: no 'invocation' key to reproduce from")
+    image = Path(meta["kernel"]["image"])
+    if not image.is_file() or file_sha256(image) != meta["kernel"]["sha256"]:
+        raise BadInput(f"kernel {image} of run {meta['run_id']} is missing or changed since (sha256)")
+    req = RunRequest(kernel=str(image), profile=inv["profile"], append=inv["append"],
+                     results=args.results or result.parent, tests=Path(inv["tests"]),
+                     pytest_args=list(inv["pytest_args"]), qemu_args=list(inv["qemu_args"]),
+                     timeout=float(inv["timeout"]), reproduces=meta["run_id"])
+    print(f"reproducing {meta['run_id']}: {shlex.join(meta['command'])}", flush=True)
+    start = time.monotonic()
+    code = run(req, ["reproduce", str(result)])
+    print(f"reproduce of {meta['run_id']}: exit {code} (recorded exit {meta.get('exit_code')}) "
+          f"in {time.monotonic() - start:.1f}s")
+    return code

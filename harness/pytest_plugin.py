@@ -1,0 +1,232 @@
+"""pytest plugin: boots the VM for the guest tests and records their results.
+
+Loaded by `harness run` as `-p harness.pytest_plugin --harness-run-dir DIR`,
+where DIR holds `plan.json`. Each pytest process that runs tests (the main one,
+or each pytest-xdist worker) boots its own VM from the plan, once per session.
+The process that sees every report (main or xdist controller) writes
+`tests.json`, `junit.xml` and `tests/<name>/` after each test.
+
+Fixtures: `machine`, `guest`, `qmp`, `run_info`, `dmesg_lines`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from harness.errors import HarnessError, KernelFault, Terminated
+from harness.guest import GuestSession
+from harness.machine import Machine
+from harness.plan import LaunchPlan
+from harness.qmp import QmpChannel
+from harness.results import TestRecord, write_records
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the tests may ask about the run they are part of."""
+
+    run_dir: Path
+    plan: LaunchPlan
+    worker: str
+
+    @property
+    def kernel_release(self) -> str:
+        return self.plan.kernel.release
+
+    @property
+    def profile(self) -> str:
+        return self.plan.profile.name
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness")
+    group.addoption("--harness-run-dir", default=None, help="run directory holding plan.json")
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("harness_run_dir"):
+        return
+    # SIGTERM becomes an exception, so fixture teardown stops the VM.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(Recorder(Path(config.getoption("harness_run_dir"))), "harness-recorder")
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(scope="session")
+def run_info(request: pytest.FixtureRequest) -> RunInfo:
+    run_dir = request.config.getoption("harness_run_dir")
+    if not run_dir:
+        pytest.fail("guest tests need a VM: run them with `harness run`", pytrace=False)
+    path = Path(run_dir)
+    plan = LaunchPlan.from_json(json.loads((path / "plan.json").read_text()))
+    return RunInfo(path, plan, _worker())
+
+
+def _write_machine_info(info: RunInfo, data: dict[str, Any]) -> None:
+    target = info.run_dir / "machines" / f"{info.worker}.json"
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(json.dumps(data, indent=1) + "\n")
+
+
+@pytest.fixture(scope="session")
+def machine(run_info: RunInfo) -> Iterator[Machine]:
+    """The booted VM of this pytest process. Boot failures raise (and are cached)."""
+    first = run_info.worker in ("main", "gw0")
+    suffix = "" if first else f"-{run_info.worker}"
+    sock_parent = os.environ.get("HARNESS_SOCK_DIR")
+    name = os.environ.get("HARNESS_MACHINE_PREFIX", "harness") + f"-{run_info.worker}"
+    m = Machine(run_info.plan, run_info.run_dir, name=name,
+                sock_parent=Path(sock_parent) if sock_parent else None,
+                console_log=f"console{suffix}.log")
+    info: dict[str, Any] = {"name": name, "worker": run_info.worker, "console": m.console_path.name,
+                            "status": "booting"}
+    _write_machine_info(run_info, info)
+    try:
+        m.launch()
+        info["argv"] = m.argv
+        m.wait_boot()
+    except BaseException as e:
+        m.shutdown()
+        info.update(status="boot-failed", error=str(e), error_type=type(e).__name__,
+                    exit_status=m.exit_status, lines=list(getattr(e, "lines", ())))
+        _write_machine_info(run_info, info)
+        raise
+    info.update(status="booted", boot_seconds=round(m.boot_seconds or 0, 3), release=m.guest.release
+                if m.guest else None)
+    _write_machine_info(run_info, info)
+    try:
+        yield m
+    finally:
+        try:
+            if m.guest is not None and not m.guest.closed:
+                dmesg = m.guest.run("dmesg", timeout=20)
+                (run_info.run_dir / f"dmesg{suffix}.txt").write_text(dmesg.stdout)
+        except HarnessError as e:
+            info["dmesg_error"] = str(e)
+        finally:
+            m.shutdown()
+            info.update(status="stopped", exit_status=m.exit_status)
+            _write_machine_info(run_info, info)
+
+
+@pytest.fixture(scope="session")
+def guest(machine: Machine) -> GuestSession:
+    assert machine.guest is not None
+    return machine.guest
+
+
+@pytest.fixture(scope="session")
+def qmp(machine: Machine) -> QmpChannel:
+    assert machine.qmp is not None
+    return machine.qmp
+
+
+@pytest.fixture
+def dmesg_lines(guest: GuestSession) -> list[str]:
+    """The guest's kernel log as it stands now."""
+    return guest.check("dmesg", timeout=20).splitlines()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    if call.excinfo is not None:
+        exc = call.excinfo.value
+        if isinstance(exc, KernelFault):
+            report.user_properties.append(("harness_kind", "kernel"))
+        elif isinstance(exc, HarnessError):
+            report.user_properties.append(("harness_kind", "infra"))
+    return report
+
+
+def classify(when: str, outcome: str, kind: str | None) -> str:
+    """Map one pytest report to failed / error / skipped / passed.
+
+    A kernel fault is a failure wherever it surfaces (a panic at boot shows up
+    in fixture setup); a harness or host problem is an error wherever it
+    surfaces; otherwise pytest's own rule: exceptions in the test body fail it,
+    exceptions in setup or teardown are errors.
+    """
+    if outcome == "skipped":
+        return "skipped"
+    if outcome == "passed":
+        return "passed"
+    if kind == "kernel":
+        return "failed"
+    if kind == "infra":
+        return "error"
+    return "failed" if when == "call" else "error"
+
+
+def _message(report: pytest.TestReport) -> str:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        return str(crash.message)
+    return str(report.longrepr or "")
+
+
+def _worker_of(report: pytest.TestReport) -> str:
+    # pytest-xdist sets `node` (the worker controller) on reports it forwards.
+    node = getattr(report, "node", None)
+    gateway = getattr(node, "gateway", None)
+    return str(getattr(gateway, "id", "main"))
+
+
+class Recorder:
+    """Collects reports in the process that sees all of them; writes results."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.records: dict[str, TestRecord] = {}
+        self._order: list[str] = []
+        self.started = time.monotonic()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        rec = self.records.get(report.nodeid)
+        if rec is None:
+            rec = self.records[report.nodeid] = TestRecord(report.nodeid)
+            self._order.append(report.nodeid)
+        rec.worker = _worker_of(report)
+        rec.seconds += report.duration
+        kind = dict(report.user_properties).get("harness_kind")
+        status = classify(report.when, report.outcome, kind)
+        # The first non-pass outcome decides (a teardown error does not hide a failure).
+        if status != "passed" and rec.status == "passed":
+            rec.status = status
+            rec.message = _message(report)
+            rec.details = str(report.longreprtext or "") if status != "skipped" else ""
+        if report.when == "teardown":
+            self._write_test(rec, report)
+            write_records(self.run_dir, [self.records[n] for n in self._order])
+
+    def _write_test(self, rec: TestRecord, report: pytest.TestReport) -> None:
+        folder = self.run_dir / "tests" / rec.dirname
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = [f"{rec.nodeid}: {rec.status.upper()} in {rec.seconds:.2f}s"]
+        if rec.message:
+            parts.append(rec.message)
+        if rec.details:
+            parts.append(rec.details)
+        for name, content in report.sections:
+            parts.append(f"----- {name} -----\n{content}")
+        (folder / "log.txt").write_text("\n\n".join(parts) + "\n")

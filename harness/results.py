@@ -1,0 +1,121 @@
+"""The results layout: results/<run-id>/{meta.json, junit.xml, ...}.
+
+Test outcomes stay in three kinds: failed (the kernel under test misbehaved or
+an assertion about it failed), error (the harness or host broke), skipped
+(with the reason). junit.xml is rewritten after every test, atomically, so a
+run that dies half-way leaves a well-formed file for what finished.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
+
+from harness.errors import EXIT_INFRA, EXIT_KERNEL, EXIT_OK
+from harness.paths import atomic_write
+
+STATUSES = ("passed", "failed", "error", "skipped")
+
+
+@dataclass
+class TestRecord:
+    nodeid: str
+    status: str = "passed"
+    message: str = ""
+    details: str = ""
+    seconds: float = 0.0
+    worker: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.nodeid.split("::")[-1]
+
+    @property
+    def classname(self) -> str:
+        parts = self.nodeid.split("::")
+        return parts[0].removesuffix(".py").replace("/", ".") + "".join(f".{p}" for p in parts[1:-1])
+
+    @property
+    def dirname(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.nodeid.replace(".py::", ".").replace("::", "."))
+
+
+def new_run_id(release: str, profile: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{profile}-{release}-{secrets.token_hex(2)}"
+
+
+def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write(run_dir / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run_dir / "meta.json").read_text())
+    return data
+
+
+def write_records(run_dir: Path, records: list[TestRecord]) -> None:
+    atomic_write(run_dir / "tests.json", json.dumps([asdict(r) for r in records], indent=1) + "\n")
+    write_junit(run_dir / "junit.xml", records, suite=run_dir.name)
+
+
+def read_records(run_dir: Path) -> list[TestRecord]:
+    try:
+        return [TestRecord(**r) for r in json.loads((run_dir / "tests.json").read_text())]
+    except (OSError, ValueError):
+        return []
+
+
+def write_junit(path: Path, records: list[TestRecord], suite: str) -> None:
+    ts = TestSuite(suite)
+    for rec in records:
+        case = TestCase(rec.name, classname=rec.classname, time=round(rec.seconds, 3))
+        if rec.status == "failed":
+            case.result = [Failure(rec.message[:500])]
+        elif rec.status == "error":
+            case.result = [Error(rec.message[:500])]
+        elif rec.status == "skipped":
+            case.result = [Skipped(rec.message[:500])]
+        if rec.details:
+            case.system_out = rec.details
+        ts.add_testcase(case)
+    ts.update_statistics()
+    xml = JUnitXml()
+    xml.add_testsuite(ts)
+    xml.update_statistics()
+    tmp = path.with_name(f".{path.name}.tmp")
+    xml.write(str(tmp), pretty=True)
+    tmp.replace(path)
+
+
+def counts(records: list[TestRecord]) -> dict[str, int]:
+    return {s: sum(1 for r in records if r.status == s) for s in STATUSES}
+
+
+def exit_code_for(records: list[TestRecord]) -> int:
+    c = counts(records)
+    if c["failed"]:
+        return EXIT_KERNEL
+    if c["error"]:
+        return EXIT_INFRA
+    return EXIT_OK
+
+
+def summary_table(records: list[TestRecord]) -> str:
+    if not records:
+        return "(no test results)"
+    width = max(len(r.nodeid) for r in records)
+    lines = [f"{'STATUS':8} {'TIME':>7}  {'TEST':{width}}  DETAIL"]
+    for r in records:
+        detail = r.message.strip().splitlines()[0][:100] if r.message.strip() else ""
+        lines.append(f"{r.status.upper():8} {r.seconds:6.2f}s  {r.nodeid:{width}}  {detail}".rstrip())
+    c = counts(records)
+    lines.append(", ".join(f"{c[s]} {s}" for s in STATUSES))
+    return "\n".join(lines)

@@ -1,0 +1,325 @@
+"""`harness run`: plan, boot, run the guest tests, write results/<run-id>/.
+
+The guest tests run in a pytest child process (its own process group, dying
+with us through PDEATHSIG). The child boots the VM through the plugin, so
+`-n N` gives one VM per xdist worker. This process owns the run directory:
+meta.json before anything starts (status `incomplete`) and after the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import __version__
+from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, Terminated
+from harness.initramfs import build_initramfs
+from harness.kernel import Kernel, file_sha256, resolve_kernel
+from harness.machine import _die_with_parent
+from harness.paths import GUEST_TESTS_DIR, atomic_write
+from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, build_argv, choose_accel, kernel_cmdline
+from harness.probe import HostCaps, probe_host
+from harness.profiles import load_profile
+from harness.results import (
+    TestRecord,
+    counts,
+    exit_code_for,
+    new_run_id,
+    read_records,
+    summary_table,
+    write_meta,
+    write_records,
+)
+
+SOCK_PREFIX = "harness-"
+
+
+@dataclass
+class RunRequest:
+    kernel: str
+    profile: str
+    append: str = ""
+    results: Path = Path("results")
+    tests: Path = GUEST_TESTS_DIR
+    pytest_args: list[str] = field(default_factory=list)
+    qemu_args: list[str] = field(default_factory=list)
+    timeout: float = 1800.0
+    dry_run: bool = False
+    json: bool = False
+    reproduces: str | None = None
+
+
+def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan, HostCaps]:
+    """Resolve profile, kernel and initramfs into a LaunchPlan. Raises BadInput/InfraError."""
+    profile = load_profile(req.profile)
+    if not req.tests.is_dir():
+        raise BadInput(f"guest tests {req.tests}: no such directory")
+    kernel = resolve_kernel(req.kernel)
+    caps = caps or probe_host()
+    if not caps.qemu.value:
+        from harness.errors import InfraError
+        raise InfraError("QEMU not found: install qemu-system-x86 (or set HARNESS_QEMU)")
+    accel, why = choose_accel(profile, caps)
+    initrd = build_initramfs(kernel, profile.modules)
+    plan = LaunchPlan(
+        requested=req.profile, profile=profile, reasons=(), accel=accel, accel_reason=why,
+        qemu=str(caps.qemu.value), kernel=kernel, initrd=initrd.path, initrd_sha256=initrd.sha256,
+        cmdline=kernel_cmdline(profile, req.append), extra_args=tuple(req.qemu_args),
+    )
+    if initrd.missing_modules:
+        print(f"warning: kernel {kernel.release} has no module(s) {', '.join(initrd.missing_modules)} "
+              f"that profile {profile.name} asks for", file=sys.stderr)
+    return plan, caps
+
+
+def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
+    requested = load_profile(plan.requested)
+    return {
+        "requested": plan.requested,
+        "effective": plan.profile.name,
+        "reasons": list(plan.reasons),
+        "accel": plan.accel,
+        "accel_reason": plan.accel_reason,
+        "cmdline": plan.cmdline,
+        "argv": plan.argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
+        "requested_argv": build_argv(plan.qemu, requested, "kvm", plan.kernel.image, plan.initrd,
+                                     plan.cmdline, SOCK_DIR_PLACEHOLDER, "harness-main", plan.extra_args),
+    }
+
+
+def _firmware(plan: LaunchPlan, caps: HostCaps) -> dict[str, Any]:
+    # With no -bios/-pflash in the argv QEMU loads its default SeaBIOS image.
+    path = caps.firmware.get("seabios")
+    if path is None or not path.value:
+        return {}
+    return {"seabios": {"path": path.value, "sha256": file_sha256(Path(str(path.value)))}}
+
+
+def _reproduce_script(run_dir: Path) -> str:
+    return (
+        "#!/bin/sh\n"
+        f"# Re-run {run_dir.name}: same kernel, initramfs, QEMU argv, kernel command line and tests.\n"
+        f"exec {shlex.quote(sys.executable)} -m harness reproduce \"$(dirname \"$0\")\" \"$@\"\n"
+    )
+
+
+def sweep_stale(tmp: Path | None = None) -> None:
+    """Remove socket directories of harness runs whose owner died (SIGKILL), and their QEMUs."""
+    base = tmp or Path(tempfile.gettempdir())
+    for d in base.glob(f"{SOCK_PREFIX}*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            if time.time() - d.stat().st_mtime < 60:
+                continue
+        kill_machines(d.name)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def kill_machines(prefix: str) -> list[int]:
+    """SIGKILL every QEMU whose -name starts with `prefix-`. Returns the pids."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-name" in argv:
+            i = argv.index(b"-name")
+            if i + 1 < len(argv) and argv[i + 1].startswith(prefix.encode() + b"-"):
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(int(proc.name))
+                except ProcessLookupError:
+                    pass
+    return killed
+
+
+def run(req: RunRequest, argv: list[str]) -> int:
+    start = time.monotonic()
+    plan, caps = make_plan(req)
+    if req.dry_run:
+        report = dry_run_report(plan)
+        if req.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"profile: {report['requested']} -> {report['effective']}")
+            for reason in report["reasons"]:
+                print(f"  fallback: {reason}")
+            print(f"accel: {plan.accel} ({plan.accel_reason})")
+            print(f"argv: {shlex.join(report['argv'])}")
+            if report["requested_argv"] != report["argv"]:
+                print(f"requested argv (capable host): {shlex.join(report['requested_argv'])}")
+        return 0
+    sweep_stale()
+    run_id = new_run_id(plan.kernel.release, plan.profile.name)
+    run_dir = req.results.resolve() / run_id
+    run_dir.mkdir(parents=True)
+    meta = _initial_meta(run_id, plan, caps, req, argv)
+    write_meta(run_dir, meta)
+    atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
+    atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
+    write_records(run_dir, [])
+    print(f"run {run_id}: kernel {plan.kernel.release}, profile {plan.profile.name}, "
+          f"accel {plan.accel} ({plan.accel_reason})", flush=True)
+    sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
+    (sock_parent / "owner.pid").write_text(str(os.getpid()))
+    status, code, note = "error", EXIT_INFRA, ""
+    tests_start = time.monotonic()
+    try:
+        rc = _run_pytest(req, run_dir, sock_parent)
+        status, code, note = _judge(rc, read_records(run_dir), req)
+    except (KeyboardInterrupt, Terminated) as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        status, code, note = "interrupted", 128 + signum, f"interrupted by signal {signum}"
+    finally:
+        kill_machines(sock_parent.name)
+        shutil.rmtree(sock_parent, ignore_errors=True)
+        if code == EXIT_BAD_INPUT:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if code == EXIT_BAD_INPUT:
+        raise BadInput(note)
+    records = read_records(run_dir)
+    machines = _machines(run_dir)
+    _finish_meta(meta, run_dir, status, code, note, records, machines,
+                 tests=time.monotonic() - tests_start, total=time.monotonic() - start)
+    _print_summary(run_dir, meta, records, machines)
+    return code
+
+
+def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest,
+                  argv: list[str]) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "status": "incomplete",
+        "harness_version": __version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": ["harness", *argv],
+        "invocation": {
+            "kernel": req.kernel, "profile": req.profile, "append": req.append,
+            "pytest_args": req.pytest_args, "qemu_args": req.qemu_args, "tests": str(req.tests),
+            "timeout": req.timeout,
+        },
+        "reproduces": req.reproduces,
+        "host": caps.to_json(),
+        "qemu": {"path": plan.qemu, "version": caps.qemu_version.value},
+        "firmware": _firmware(plan, caps),
+        "kernel": plan.kernel.to_json(),
+        "series": list(plan.kernel.series),
+        "initramfs": {"path": str(plan.initrd), "sha256": plan.initrd_sha256},
+        "profile": {"requested": plan.requested, "effective": plan.profile.name,
+                    "reasons": list(plan.reasons), "accel": plan.accel,
+                    "accel_reason": plan.accel_reason},
+        "cmdline": plan.cmdline,
+    }
+
+
+def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
+    cmd = [sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
+           "--harness-run-dir", str(run_dir), "-q", "--tb=short", "--no-header",
+           "--rootdir", str(req.tests), str(req.tests), *req.pytest_args]
+    env = dict(os.environ, HARNESS_SOCK_DIR=str(sock_parent), HARNESS_MACHINE_PREFIX=sock_parent.name,
+               PYTHONDONTWRITEBYTECODE="1")
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                             stdin=subprocess.DEVNULL)
+    try:
+        return child.wait(timeout=req.timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(child)
+        (run_dir / "timeout.txt").write_text(f"guest tests exceeded --timeout {req.timeout:.0f} s\n")
+        return -1
+    except BaseException:
+        _stop_group(child)
+        raise
+
+
+def _stop_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the pytest process group (fixtures stop their VMs), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _judge(rc: int, records: list[TestRecord], req: RunRequest) -> tuple[str, int, str]:
+    if rc == -1:
+        return "error", EXIT_INFRA, f"internal timeout: guest tests exceeded --timeout {req.timeout:.0f} s"
+    if rc == 5:
+        return "error", EXIT_BAD_INPUT, f"no guest tests selected in {req.tests} by {shlex.join(req.pytest_args)}"
+    if rc == 4:
+        return "error", EXIT_BAD_INPUT, f"pytest rejected the arguments {shlex.join(req.pytest_args)}"
+    if rc == 2:
+        return "interrupted", 128 + signal.SIGINT, "guest tests interrupted"
+    if rc not in (0, 1):
+        return "error", EXIT_INFRA, f"pytest exited with status {rc}"
+    code = exit_code_for(records)
+    return {0: "passed", 1: "failed", 3: "error"}[code], code, ""
+
+
+def _machines(run_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((run_dir / "machines").glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except ValueError:
+            continue
+    return out
+
+
+def _finish_meta(meta: dict[str, Any], run_dir: Path, status: str, code: int, note: str,
+                 records: list[TestRecord], machines: list[dict[str, Any]], tests: float,
+                 total: float) -> None:
+    boots = [m["boot_seconds"] for m in machines if m.get("boot_seconds") is not None]
+    failures = [m for m in machines if m.get("status") == "boot-failed"]
+    meta.update(
+        status=status, exit_code=code, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        timings={"boot": boots[0] if boots else None, "tests": round(tests, 3), "total": round(total, 3)},
+        machines=machines, tests=counts(records),
+    )
+    if failures:
+        meta["failure"] = {"message": failures[0].get("error"), "kind": failures[0].get("error_type"),
+                           "lines": failures[0].get("lines", [])[-20:]}
+    elif note:
+        meta["failure"] = {"message": note}
+    write_meta(run_dir, meta)
+
+
+def _print_summary(run_dir: Path, meta: dict[str, Any], records: list[TestRecord],
+                   machines: list[dict[str, Any]]) -> None:
+    print()
+    print(summary_table(records))
+    prof = meta["profile"]
+    print(f"kernel {meta['kernel']['release']}  profile {prof['requested']}"
+          + (f" -> {prof['effective']}" if prof["effective"] != prof["requested"] else "")
+          + f"  accel {prof['accel']}")
+    t = meta["timings"]
+    boot = f"{t['boot']:.2f}s" if t["boot"] is not None else "-"
+    print(f"boot {boot}  tests {t['tests']:.2f}s  total {t['total']:.2f}s")
+    failure = meta.get("failure")
+    if failure:
+        print(f"{meta['status'].upper()}: {failure['message']}")
+        for line in failure.get("lines", [])[-8:]:
+            print(f"  | {line}")
+    print(f"status {meta['status']} (exit {meta['exit_code']}); results: {run_dir}")
