@@ -35,6 +35,8 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command-line arguments")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                    help="extra QEMU argument (repeat for each), appended after the profile's")
+    p.add_argument("--boot-timeout", type=float, default=None, metavar="S",
+                   help="seconds to reach userspace (default: the profile's timeouts.boot)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,8 +128,12 @@ def _probe(args: argparse.Namespace) -> int:
     rows += [(f"firmware {name}", fact) for name, fact in caps.firmware.items()]
     for name, fact in rows:
         value = fact.value
-        shown = {True: "yes", False: "no", None: "-"}.get(value, str(value)) if not isinstance(
-            value, str) else (value or "none")
+        if isinstance(value, str):
+            shown = value or "none"
+        elif isinstance(value, bool) or value is None:
+            shown = {True: "yes", False: "no", None: "-"}[value]
+        else:
+            shown = str(value)
         if name == "kvm":
             shown = fact.evidence
         print(f"{name:20} {shown:34} {'' if name == 'kvm' else fact.evidence}".rstrip())
@@ -142,7 +148,8 @@ def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> i
         raise BadInput("harness run: --json needs --dry-run")
     req = RunRequest(kernel=args.kernel, profile=args.profile, append=args.append, results=args.results,
                      tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
-                     timeout=args.timeout, dry_run=args.dry_run, json=args.json)
+                     timeout=args.timeout, boot_timeout=args.boot_timeout, dry_run=args.dry_run,
+                     json=args.json)
     return run(req, argv)
 
 
@@ -153,7 +160,7 @@ def _boot(args: argparse.Namespace) -> int:
     from harness.runner import RunRequest, make_plan, sweep_stale
 
     plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile, append=args.append,
-                                   qemu_args=args.qemu_arg))
+                                   qemu_args=args.qemu_arg, boot_timeout=args.boot_timeout))
     sweep_stale()
     log_dir = args.results.resolve() / ("boot-" + new_run_id(plan.kernel.release, plan.profile.name))
     print(f"booting {plan.kernel.release} under {plan.profile.name} ({plan.accel}); "
@@ -184,7 +191,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     req = RunRequest(kernel=str(image), profile=inv["profile"], append=inv["append"],
                      results=args.results or result.parent, tests=Path(inv["tests"]),
                      pytest_args=list(inv["pytest_args"]), qemu_args=list(inv["qemu_args"]),
-                     timeout=float(inv["timeout"]), reproduces=meta["run_id"])
+                     timeout=float(inv["timeout"]), boot_timeout=inv.get("boot_timeout"),
+                     reproduces=meta["run_id"])
     print(f"reproducing {meta['run_id']}: {shlex.join(meta['command'])}", flush=True)
     start = time.monotonic()
     code = run(req, ["reproduce", str(result)])

@@ -8,6 +8,7 @@ postinst would do that on a real install). `debian:linux-image-cloud-amd64`
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -57,8 +58,12 @@ class Kernel:
             sha256=str(data["sha256"]),
             modules_dir=Path(str(modules)) if modules else None,
             package=str(data["package"]) if data.get("package") else None,
-            series=tuple(str(s) for s in data.get("series") or ()),  # type: ignore[union-attr]
+            series=tuple(str(s) for s in _as_list(data.get("series"))),
         )
+
+
+def _as_list(value: object) -> list[object]:
+    return list(value) if isinstance(value, (list, tuple)) else []
 
 
 def file_sha256(path: Path) -> str:
@@ -156,7 +161,12 @@ def _debian_kernel(package: str, spec: str) -> Kernel:
     root = cache_dir() / "debian" / package
     stamp = root / ".unpacked"
     if not stamp.exists():
-        _download_and_unpack(package, root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # Parallel runs (pytest-xdist, two shells) must not unpack over each other.
+        with open(root.parent / f".{package}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not stamp.exists():
+                _download_and_unpack(package, root)
     releases = sorted(p.name for p in (root / "lib/modules").iterdir() if p.is_dir())
     if not releases:
         raise InfraError(f"package {package}: unpacked tree has no lib/modules")

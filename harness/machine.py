@@ -207,7 +207,7 @@ class Machine:
         console output at all by the deadline).
         """
         assert self.guest is not None and self.proc is not None and self.launched_at is not None
-        budget = timeout if timeout is not None else self.plan.profile.timeouts.boot
+        budget = timeout if timeout is not None else self.plan.boot_deadline
         deadline = self.launched_at + budget
         while True:
             fault = self._scanner.fault

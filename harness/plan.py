@@ -30,6 +30,11 @@ class LaunchPlan:
     initrd_sha256: str
     cmdline: str
     extra_args: tuple[str, ...] = ()
+    boot_timeout: float | None = None
+
+    @property
+    def boot_deadline(self) -> float:
+        return self.boot_timeout if self.boot_timeout is not None else self.profile.timeouts.boot
 
     def argv(self, sock_dir: str | Path, name: str) -> list[str]:
         return build_argv(self.qemu, self.profile, self.accel, self.kernel.image, self.initrd,
@@ -48,6 +53,7 @@ class LaunchPlan:
             "initrd_sha256": self.initrd_sha256,
             "cmdline": self.cmdline,
             "extra_args": list(self.extra_args),
+            "boot_timeout": self.boot_timeout,
             "profile": self.profile.to_json(),
         }
 
@@ -59,7 +65,7 @@ class LaunchPlan:
             accel=data["accel"], accel_reason=data["accel_reason"], qemu=data["qemu"],
             kernel=Kernel.from_json(data["kernel"]), initrd=Path(data["initrd"]),
             initrd_sha256=data["initrd_sha256"], cmdline=data["cmdline"],
-            extra_args=tuple(data["extra_args"]),
+            extra_args=tuple(data["extra_args"]), boot_timeout=data.get("boot_timeout"),
         )
 
 

@@ -208,7 +208,7 @@ class Recorder:
             self._order.append(report.nodeid)
         rec.worker = _worker_of(report)
         rec.seconds += report.duration
-        kind = dict(report.user_properties).get("harness_kind")
+        kind = str(dict(report.user_properties).get("harness_kind", "")) or None
         status = classify(report.when, report.outcome, kind)
         # The first non-pass outcome decides (a teardown error does not hide a failure).
         if status != "passed" and rec.status == "passed":

@@ -35,7 +35,7 @@ class QmpChannel:
         future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self._loop)
         try:
             return future.result(timeout + 1)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             future.cancel()
             raise InfraError(f"QMP: no answer within {timeout:.0f} s") from None
 

@@ -86,10 +86,10 @@ def write_junit(path: Path, records: list[TestRecord], suite: str) -> None:
         if rec.details:
             case.system_out = rec.details
         ts.add_testcase(case)
-    ts.update_statistics()
+    ts.update_statistics()  # type: ignore[no-untyped-call]
     xml = JUnitXml()
     xml.add_testsuite(ts)
-    xml.update_statistics()
+    xml.update_statistics()  # type: ignore[no-untyped-call]
     tmp = path.with_name(f".{path.name}.tmp")
     xml.write(str(tmp), pretty=True)
     tmp.replace(path)

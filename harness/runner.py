@@ -24,7 +24,7 @@ from typing import Any
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, Terminated
 from harness.initramfs import build_initramfs
-from harness.kernel import Kernel, file_sha256, resolve_kernel
+from harness.kernel import file_sha256, resolve_kernel
 from harness.machine import _die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, build_argv, choose_accel, kernel_cmdline
@@ -54,6 +54,7 @@ class RunRequest:
     pytest_args: list[str] = field(default_factory=list)
     qemu_args: list[str] = field(default_factory=list)
     timeout: float = 1800.0
+    boot_timeout: float | None = None
     dry_run: bool = False
     json: bool = False
     reproduces: str | None = None
@@ -75,6 +76,7 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
         requested=req.profile, profile=profile, reasons=(), accel=accel, accel_reason=why,
         qemu=str(caps.qemu.value), kernel=kernel, initrd=initrd.path, initrd_sha256=initrd.sha256,
         cmdline=kernel_cmdline(profile, req.append), extra_args=tuple(req.qemu_args),
+        boot_timeout=req.boot_timeout,
     )
     if initrd.missing_modules:
         print(f"warning: kernel {kernel.release} has no module(s) {', '.join(initrd.missing_modules)} "
@@ -214,7 +216,7 @@ def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
         "invocation": {
             "kernel": req.kernel, "profile": req.profile, "append": req.append,
             "pytest_args": req.pytest_args, "qemu_args": req.qemu_args, "tests": str(req.tests),
-            "timeout": req.timeout,
+            "timeout": req.timeout, "boot_timeout": req.boot_timeout,
         },
         "reproduces": req.reproduces,
         "host": caps.to_json(),
@@ -267,7 +269,8 @@ def _judge(rc: int, records: list[TestRecord], req: RunRequest) -> tuple[str, in
     if rc == -1:
         return "error", EXIT_INFRA, f"internal timeout: guest tests exceeded --timeout {req.timeout:.0f} s"
     if rc == 5:
-        return "error", EXIT_BAD_INPUT, f"no guest tests selected in {req.tests} by {shlex.join(req.pytest_args)}"
+        selection = shlex.join(req.pytest_args)
+        return "error", EXIT_BAD_INPUT, f"no guest tests selected in {req.tests} by {selection}"
     if rc == 4:
         return "error", EXIT_BAD_INPUT, f"pytest rejected the arguments {shlex.join(req.pytest_args)}"
     if rc == 2:
