@@ -130,8 +130,11 @@ class Machine:
         channel = self._accept(channel_l, "command channel")
         try:
             self.qmp.accept(timeout=self._remaining(10))
-        except InfraError:
-            self._raise_start_error("QEMU did not connect to QMP")
+        except Exception:  # noqa: BLE001 - qemu.qmp raises ConnectError, EOFError, timeouts...
+            self._wait_exit(1.0)
+            if self.proc.poll() is not None:
+                self._raise_start_error(f"QEMU exited with status {self.proc.returncode} during start-up")
+            self._raise_start_error("QEMU did not complete the QMP handshake")
         self._reader = threading.Thread(target=self._read_console, name=f"console-{self.name}",
                                         daemon=True)
         self._reader.start()

@@ -236,8 +236,14 @@ def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
     cmd = [sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
            "--harness-run-dir", str(run_dir), "-q", "--tb=short", "--no-header",
            "--rootdir", str(req.tests), str(req.tests), *req.pytest_args]
+    # The child's TMPDIR is the run's private directory, removed at the end,
+    # so nothing pytest or xdist create there outlives the run.
     env = dict(os.environ, HARNESS_SOCK_DIR=str(sock_parent), HARNESS_MACHINE_PREFIX=sock_parent.name,
-               PYTHONDONTWRITEBYTECODE="1")
+               TMPDIR=str(sock_parent), PYTHONDONTWRITEBYTECODE="1")
+    # Called from inside a pytest-xdist worker (a CI job's own tests), the
+    # worker's identity must not leak into our pytest: it names the consoles.
+    for var in [v for v in env if v.startswith("PYTEST_XDIST_") or v == "PYTEST_CURRENT_TEST"]:
+        del env[var]
     child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent,
                              stdin=subprocess.DEVNULL)
     try:

@@ -1,0 +1,96 @@
+"""Shared fixtures for the harness's own tests.
+
+`cli` runs the real `harness` command in a subprocess with a private TMPDIR
+and results root, and afterwards checks the process table and the TMPDIR: a
+QEMU process or socket directory left behind fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.kernel import DEFAULT_KERNEL, Kernel, resolve_kernel
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def qemu_processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in argv and text in argv:
+            found.append(f"{proc.name}: {argv[:200]}")
+    return found
+
+
+@dataclass
+class Cli:
+    tmp: Path
+    results: Path
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, TMPDIR=str(self.tmp), PYTHONDONTWRITEBYTECODE="1")
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "harness", *args]
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=self.env(), cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def run_dirs(self) -> list[Path]:
+        if not self.results.is_dir():
+            return []
+        return sorted(p for p in self.results.iterdir() if (p / "meta.json").exists())
+
+    def only_run(self) -> Path:
+        dirs = self.run_dirs()
+        assert len(dirs) == 1, dirs
+        return dirs[0]
+
+
+def meta(run_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run_dir / "meta.json").read_text())
+    return data
+
+
+@pytest.fixture
+def cli() -> Iterator[Cli]:
+    # Short paths: unix socket paths must stay under 108 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="ht-", dir="/tmp"))
+    (tmp / "t").mkdir()
+    c = Cli(tmp / "t", tmp / "results")
+    try:
+        yield c
+        deadline = time.monotonic() + 5
+        while qemu_processes_mentioning(str(tmp)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = qemu_processes_mentioning(str(tmp))
+        assert not left, f"QEMU left running: {left}"
+        leftovers = [p.name for p in (tmp / "t").iterdir()]
+        assert not leftovers, f"left in TMPDIR: {leftovers}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def debian_kernel() -> Kernel:
+    """The default kernel (a real Debian cloud kernel, cached after the first download)."""
+    return resolve_kernel(DEFAULT_KERNEL)

@@ -1,0 +1,159 @@
+"""Pure pieces: cpio, profiles, console and dmesg parsers, module resolution, results."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+from junitparser import JUnitXml
+
+from harness.console import BootScanner, split_lines
+from harness.cpio import CpioWriter
+from harness.dmesg import scan
+from harness.errors import BadInput
+from harness.initramfs import resolve_modules
+from harness.kernel import bzimage_release
+from harness.profiles import load_profile
+from harness.pytest_plugin import classify
+from harness.results import TestRecord, exit_code_for, write_junit
+
+DATA = Path(__file__).parent / "data"
+
+
+def console(name: str) -> list[str]:
+    return (DATA / "console" / name).read_text().splitlines()
+
+
+def test_cpio_is_readable_by_the_cpio_tool(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.directory("bin")
+    w.file("bin/hello", b"#!/bin/sh\necho hi\n", 0o755)
+    w.symlink("bin/sh", "/bin/busybox")
+    w.char_device("console", 5, 1)
+    w.finish()
+    data = buf.getvalue()
+    assert len(data) % 512 == 0
+    listing = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
+    assert "bin/hello" in listing and "bin/sh -> /bin/busybox" in listing
+    assert "-rwxr-xr-x" in listing and "crw-------" in listing
+    out = subprocess.run(["cpio", "-i", "--to-stdout", "bin/hello"], input=data, capture_output=True,
+                         check=True).stdout
+    assert out == b"#!/bin/sh\necho hi\n"
+
+
+def _write(d: Path, name: str, text: str) -> None:
+    (d / f"{name}.yaml").write_text(text)
+
+
+def test_profiles_compose_and_append(tmp_path: Path) -> None:
+    _write(tmp_path, "base", "cmdline: [console=ttyS0]\nsmp: 2\nmemory: 2G\ntimeouts: {boot: 30}\n")
+    _write(tmp_path, "child", "extends: base\n+cmdline: [swiotlb=force]\nsmp: 1\ntimeouts: {command: 5}\n")
+    p = load_profile("child", tmp_path)
+    assert p.cmdline == ("console=ttyS0", "swiotlb=force")
+    assert (p.smp, p.memory_mib, p.timeouts.boot, p.timeouts.command) == (1, 2048, 30.0, 5.0)
+    assert isinstance(p.cmdline, tuple)
+    with pytest.raises(AttributeError):
+        p.smp = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("smpp: 2\n", "unknown key 'smpp'"),
+    ("smp: two\n", "key 'smp': expected int, got str"),
+    ("cmdline: console=ttyS0\n", "key 'cmdline': expected a list of strings"),
+    ("smp: [1\n", "malformed YAML"),
+    ("extends: bad\n", "'extends' loop: bad -> bad"),
+    ("accel: hvf\n", "key 'accel' must be auto, kvm or tcg"),
+    ("timeouts: {boot: -1}\n", "timeouts.boot"),
+])
+def test_bad_profiles_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    _write(tmp_path, "bad", text)
+    with pytest.raises(BadInput, match="profile bad") as e:
+        load_profile("bad", tmp_path)
+    assert expected in str(e.value)
+
+
+def test_unknown_profile_lists_the_available_ones() -> None:
+    with pytest.raises(BadInput) as e:
+        load_profile("emulatd")
+    assert str(e.value).startswith("unknown profile 'emulatd'; available: ")
+    assert "emulated" in str(e.value)
+
+
+@pytest.mark.parametrize(("log", "kind"), [
+    ("panic-no-init.log", "panic"),
+    ("oops-null-deref.log", "oops"),
+    ("reset-second-banner.log", "reset"),
+    ("clean-boot.log", None),
+    ("warning-splat.log", None),  # a WARN does not end the boot; the dmesg rules judge it
+])
+def test_boot_scanner(log: str, kind: str | None) -> None:
+    scanner = BootScanner()
+    faults = [f for f in map(scanner.feed, console(log)) if f]
+    assert (faults[0].kind if faults else None) == kind
+
+
+def test_split_lines_keeps_the_unfinished_rest() -> None:
+    lines, rest = split_lines(b"one\r\ntwo\npartial")
+    assert (lines, rest) == (["one", "two"], b"partial")
+
+
+@pytest.mark.parametrize(("log", "rules"), [
+    ("panic-no-init.log", {"panic", "call-trace"}),
+    ("oops-null-deref.log", {"bug", "oops"}),
+    ("warning-splat.log", {"warning", "call-trace"}),
+    ("clean-boot.log", set()),
+])
+def test_dmesg_rules(log: str, rules: set[str]) -> None:
+    assert {h.rule for h in scan(console(log))} == rules
+
+
+MODULES_DEP = """\
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/block/virtio_blk.ko.xz: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+"""
+
+
+def test_modules_resolve_dependencies_first() -> None:
+    order, missing = resolve_modules(("virtio-pci", "virtio_blk", "nvme", "no_such"), MODULES_DEP,
+                                     "kernel/drivers/nvme/host/nvme.ko\n")
+    assert order == ["kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio.ko",
+                     "kernel/drivers/virtio/virtio_pci.ko", "kernel/drivers/block/virtio_blk.ko.xz"]
+    assert missing == ["no_such"]  # nvme is built in: needs nothing
+
+
+def test_bzimage_release_rejects_other_files(tmp_path: Path) -> None:
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 4096)
+    with pytest.raises(BadInput, match="not a bzImage"):
+        bzimage_release(tmp_path / "vmlinux")
+
+
+def test_bzimage_release_of_a_real_kernel(debian_kernel) -> None:  # type: ignore[no-untyped-def]
+    assert bzimage_release(debian_kernel.image) == debian_kernel.release
+
+
+@pytest.mark.parametrize(("when", "outcome", "kind", "status"), [
+    ("call", "failed", None, "failed"),
+    ("setup", "failed", None, "error"),
+    ("setup", "failed", "kernel", "failed"),   # a panic at boot surfaces in fixture setup
+    ("call", "failed", "infra", "error"),
+    ("setup", "skipped", None, "skipped"),
+    ("call", "passed", None, "passed"),
+])
+def test_classify(when: str, outcome: str, kind: str | None, status: str) -> None:
+    assert classify(when, outcome, kind) == status
+
+
+def test_junit_keeps_failures_errors_and_skips_apart(tmp_path: Path) -> None:
+    records = [TestRecord("a.py::t1"), TestRecord("a.py::t2", "failed", "boom"),
+               TestRecord("a.py::t3", "error", "qemu"), TestRecord("a.py::t4", "skipped", "no SNP")]
+    write_junit(tmp_path / "j.xml", records, "suite")
+    xml = JUnitXml.fromfile(str(tmp_path / "j.xml"))
+    assert (xml.tests, xml.failures, xml.errors, xml.skipped) == (4, 1, 1, 1)
+    assert exit_code_for(records) == 1
+    assert exit_code_for(records[2:]) == 3
+    assert exit_code_for([records[0], records[3]]) == 0
