@@ -1,0 +1,88 @@
+"""Boot overhead of the harness against raw QEMU, run side by side.
+
+harness: Machine.launch -> wait_boot (agent ready) -> one guest command -> shutdown.
+raw:     the same QEMU binary, kernel, initramfs (plus a 1-file appended cpio whose
+         rdinit powers off at once), the same machine options; Popen to exit.
+Also the whole `harness run -k userspace` command for reference (Python and
+pytest start-up, results writing). Prints medians and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness.cpio import CpioWriter
+from harness.kernel import DEFAULT_KERNEL
+from harness.machine import Machine
+from harness.runner import RunRequest, make_plan
+
+POWEROFF_INIT = b"#!/bin/sh\n/bin/busybox poweroff -f\n"
+
+
+def raw_initrd(initrd: Path, out: Path) -> None:
+    # The kernel unpacks concatenated cpio archives in order.
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.file("bench-poweroff", POWEROFF_INIT, 0o755)
+    w.finish()
+    out.write_bytes(initrd.read_bytes() + buf.getvalue())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--kernel", default=DEFAULT_KERNEL)
+    ap.add_argument("--profile", default="emulated")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile))
+    print(f"kernel {plan.kernel.release}, profile {plan.profile.name}, accel {plan.accel}, {args.runs} runs each")
+    harness_t: list[float] = []
+    raw_t: list[float] = []
+    cli_t: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        initrd = work / "raw.cpio"
+        raw_initrd(plan.initrd, initrd)
+        raw_argv = [plan.qemu, "-machine", f"{plan.profile.machine},accel={plan.accel}",
+                    "-cpu", plan.profile.cpu_tcg if plan.accel == "tcg" else plan.profile.cpu_kvm,
+                    "-smp", str(plan.profile.smp), "-m", f"{plan.profile.memory_mib}M",
+                    "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                    "-kernel", str(plan.kernel.image), "-initrd", str(initrd),
+                    "-append", plan.cmdline + " rdinit=/bench-poweroff",
+                    "-serial", f"file:{work}/raw-console.log"]
+        for port in range(plan.profile.hotplug_ports):
+            raw_argv += ["-device", f"pcie-root-port,id=hp{port},chassis={port + 1},slot={port + 1}"]
+        for i in range(args.runs):
+            start = time.monotonic()
+            subprocess.run(raw_argv, check=True, timeout=120, stdin=subprocess.DEVNULL)
+            raw_t.append(time.monotonic() - start)
+
+            start = time.monotonic()
+            with Machine(plan, work / f"h{i}", name="bench", sock_parent=work / "s") as m:
+                guest = m.wait_boot()
+                assert guest.check("uname -r").strip() == plan.kernel.release
+            harness_t.append(time.monotonic() - start)
+
+            start = time.monotonic()
+            subprocess.run([sys.executable, "-m", "harness", "run", "--kernel", str(plan.kernel.image),
+                            "--profile", args.profile, "--results", str(work / "results"), "-k", "userspace"],
+                           check=True, timeout=300, stdout=subprocess.DEVNULL)
+            cli_t.append(time.monotonic() - start)
+            print(f"  run {i + 1}: raw {raw_t[-1]:.2f}s  harness {harness_t[-1]:.2f}s  "
+                  f"harness run (CLI) {cli_t[-1]:.2f}s", flush=True)
+    raw, har, cli = (statistics.median(t) for t in (raw_t, harness_t, cli_t))
+    print(f"median raw QEMU boot->poweroff:           {raw:.2f}s")
+    print(f"median harness boot+command+shutdown:     {har:.2f}s  ratio {har / raw:.2f}x")
+    print(f"median `harness run -k userspace` (CLI):  {cli:.2f}s  ratio {cli / raw:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`harness boot` on a real terminal (a pty), and a harness killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pexpect
+from junitparser import JUnitXml
+
+from tests.conftest import REPO, Cli, meta, qemu_processes_mentioning
+
+
+def test_boot_gives_a_shell_and_ctrl_bracket_leaves(cli: Cli, debian_kernel) -> None:  # type: ignore[no-untyped-def]
+    child = pexpect.spawn(sys.executable, ["-m", "harness", "boot", "--results", str(cli.results)],
+                          cwd=str(REPO), env=cli.env(), timeout=90, encoding="utf-8")
+    try:
+        child.expect("Ctrl-] leaves")
+        child.expect("guest:/# ")
+        child.send("uname -r; echo $((6*7))\r")
+        child.expect(debian_kernel.release)
+        child.expect("42")
+        child.send("\x1d")
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    logs = list(cli.results.glob("boot-*/console.log"))
+    assert len(logs) == 1 and b"Linux version" in logs[0].read_bytes()
+
+
+def test_sigkill_leaves_a_readable_run_and_no_qemu(cli: Cli) -> None:
+    proc = subprocess.Popen(cli.argv("run", "--results", str(cli.results)), env=cli.env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (cli.run_dirs() and (cli.run_dirs()[0] / "console.log").exists()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never started booting"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    # QEMU dies with its parent (PDEATHSIG), whatever state the harness was in.
+    deadline = time.monotonic() + 10
+    while qemu_processes_mentioning(str(cli.tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_processes_mentioning(str(cli.tmp))
+    run_dir = cli.only_run()
+    assert meta(run_dir)["status"] == "incomplete"
+    JUnitXml.fromfile(str(run_dir / "junit.xml"))
+    # The killed run's private socket directory is swept by the next run.
+    assert any(p.name.startswith("harness-") for p in cli.tmp.iterdir())
+    follow = cli("run", "--results", str(cli.results), "-k", "release")
+    assert follow.returncode == 0, follow.stdout + follow.stderr
