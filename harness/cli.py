@@ -16,6 +16,7 @@ from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, BadInput, HarnessError, Terminated
 from harness.kernel import DEFAULT_KERNEL
 from harness.paths import GUEST_TESTS_DIR
+from harness.probe import HostCaps
 from harness.profiles import available
 
 DEFAULT_PROFILE = "emulated"
@@ -37,6 +38,14 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                    help="extra QEMU argument (repeat for each), appended after the profile's")
     p.add_argument("--boot-timeout", type=float, default=None, metavar="S",
                    help="seconds to reach userspace (default: the profile's timeouts.boot)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="profile parameter (memory, smp, cbitpos, firmware, host_bdf, ...); repeatable")
+    p.add_argument("--params", type=Path, default=None, metavar="FILE.yaml",
+                   help="profile parameters from a YAML mapping (--param wins)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 instead of falling back when the host lacks the profile's hardware")
+    p.add_argument("--force", action="store_true",
+                   help="launch the requested profile even where the probe says the host lacks what it needs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="host capabilities: KVM, SEV/SNP/TDX, IOMMU, vfio, QEMU, firmware")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-cache", action="store_true", help="re-run the KVM probe guest")
+    p.add_argument("--check-argv", action="store_true",
+                   help="also start each profile's capable-host argv with -S and report QEMU's verdict")
 
     p = sub.add_parser("run", help="boot a kernel under a profile and run the guest tests",
                        epilog="Other arguments (-k EXPR, -n N, -x ...) are passed to pytest; "
@@ -57,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="deadline for all guest tests, seconds")
     p.add_argument("--dry-run", action="store_true", help="print the launch plan, start nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 3 instead of falling back when the host lacks the profile's hardware")
 
     p = sub.add_parser("boot", help="boot and attach the terminal to the guest console (Ctrl-] leaves)")
     _add_launch_args(p)
@@ -68,6 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("result", type=Path, help="a results/<run-id> directory")
     p.add_argument("--results", type=Path, default=None, help="results root (default: beside RESULT)")
     return parser
+
+
+def parse_params(pairs: list[str], file: Path | None) -> dict[str, str]:
+    """--params FILE.yaml then --param KEY=VALUE (later wins). Raises BadInput."""
+    params: dict[str, str] = {}
+    if file is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(file.read_text())
+        except OSError as e:
+            raise BadInput(f"params file {file}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise BadInput(f"params file {file}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise BadInput(f"params file {file}: expected a mapping of parameter: value")
+        for key, value in data.items():
+            if isinstance(value, (dict, list)) or value is None:
+                raise BadInput(f"params file {file}: key {key!r}: expected a string or a number")
+            params[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--param {pair!r}: expected KEY=VALUE")
+        params[key] = value
+    return params
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -119,12 +154,14 @@ def _probe(args: argparse.Namespace) -> int:
     from harness.probe import probe_host
 
     caps = probe_host(use_cache=not args.no_cache)
+    table = profile_table(caps, args.check_argv)
     if args.json:
-        print(json.dumps(caps.to_json(), indent=2))
+        print(json.dumps({**caps.to_json(), "profiles": table}, indent=2))
         return 0
     rows = [("kvm", caps.kvm), ("qemu", caps.qemu), ("qemu version", caps.qemu_version),
             ("qemu coco objects", caps.qemu_objects), ("sev", caps.sev), ("sev-es", caps.sev_es),
-            ("sev-snp", caps.sev_snp), ("tdx", caps.tdx), ("iommu", caps.iommu), ("vfio-pci", caps.vfio_pci)]
+            ("sev-snp", caps.sev_snp), ("tdx", caps.tdx), ("c-bit position", caps.cbitpos),
+            ("iommu", caps.iommu), ("vfio-pci", caps.vfio_pci), ("vfio-pci tio flag", caps.vfio_tio)]
     rows += [(f"firmware {name}", fact) for name, fact in caps.firmware.items()]
     for name, fact in rows:
         value = fact.value
@@ -137,8 +174,35 @@ def _probe(args: argparse.Namespace) -> int:
         if name == "kvm":
             shown = fact.evidence
         print(f"{name:20} {shown:34} {'' if name == 'kvm' else fact.evidence}".rstrip())
-    print(f"\nguests here run under {'KVM' if caps.kvm_usable else 'TCG (software emulation)'}")
+    print(f"\nguests here run under {'KVM' if caps.kvm_usable else 'TCG (software emulation)'}\n")
+    width = max(len(row["profile"]) for row in table)
+    for row in table:
+        verdict = row["verdict"] + (f" -> {row['effective']}" if row["verdict"] == "falls back" else "")
+        print(f"{row['profile']:{width}}  {verdict:30} {'; '.join(row['reasons'])}".rstrip())
+        if "qemu_check" in row:
+            print(f"{'':{width}}  qemu argv check: {row['qemu_check']}: {row['qemu_message']}")
     return 0
+
+
+def profile_table(caps: HostCaps, check_argv: bool = False) -> list[dict[str, object]]:
+    """Each profile: runs for real here / falls back to its twin / cannot run, and why."""
+    from harness.plan import choose_profile
+    from harness.qemu_check import check_profile_argv
+
+    rows: list[dict[str, object]] = []
+    for name in available():
+        try:
+            choice = choose_profile(name, {}, caps)
+        except HarnessError as e:
+            rows.append({"profile": name, "verdict": "cannot run", "effective": name, "reasons": [str(e)]})
+            continue
+        row: dict[str, object] = {"profile": name, "verdict": choice.verdict, "effective": choice.effective.name,
+                                  "reasons": list(choice.reasons)}
+        if check_argv:
+            verdict = check_profile_argv(choice.requested, caps)
+            row.update(qemu_check=verdict.verdict, qemu_message=verdict.message)
+        rows.append(row)
+    return rows
 
 
 def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> int:
@@ -149,7 +213,8 @@ def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> i
     req = RunRequest(kernel=args.kernel, profile=args.profile, append=args.append, results=args.results,
                      tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
                      timeout=args.timeout, boot_timeout=args.boot_timeout, dry_run=args.dry_run,
-                     json=args.json)
+                     json=args.json, params=parse_params(args.param, args.params), strict=args.strict,
+                     force=args.force)
     return run(req, argv)
 
 
@@ -160,7 +225,9 @@ def _boot(args: argparse.Namespace) -> int:
     from harness.runner import RunRequest, make_plan, sweep_stale
 
     plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile, append=args.append,
-                                   qemu_args=args.qemu_arg, boot_timeout=args.boot_timeout))
+                                   qemu_args=args.qemu_arg, boot_timeout=args.boot_timeout,
+                                   params=parse_params(args.param, args.params), strict=args.strict,
+                                   force=args.force))
     sweep_stale()
     log_dir = args.results.resolve() / ("boot-" + new_run_id(plan.kernel.release, plan.profile.name))
     print(f"booting {plan.kernel.release} under {plan.profile.name} ({plan.accel}); "
@@ -192,6 +259,8 @@ def _reproduce(args: argparse.Namespace) -> int:
                      results=args.results or result.parent, tests=Path(inv["tests"]),
                      pytest_args=list(inv["pytest_args"]), qemu_args=list(inv["qemu_args"]),
                      timeout=float(inv["timeout"]), boot_timeout=inv.get("boot_timeout"),
+                     params=dict(inv.get("params") or {}), strict=bool(inv.get("strict")),
+                     force=bool(inv.get("force")),
                      reproduces=meta["run_id"])
     print(f"reproducing {meta['run_id']}: {shlex.join(meta['command'])}", flush=True)
     start = time.monotonic()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.errors import BadInput, InfraError
 from harness.kernel import Kernel
 from harness.probe import HostCaps
-from harness.profiles import Profile, load_profile
+from harness.profiles import Profile, apply_params, load_profile
 
 # Placeholder used where a per-VM private directory goes, for dry runs.
 SOCK_DIR_PLACEHOLDER = "<sockdir>"
@@ -22,6 +23,7 @@ class LaunchPlan:
     requested: str
     profile: Profile
     reasons: tuple[str, ...]
+    requested_profile: Profile
     accel: str
     accel_reason: str
     qemu: str
@@ -31,14 +33,25 @@ class LaunchPlan:
     cmdline: str
     extra_args: tuple[str, ...] = ()
     boot_timeout: float | None = None
+    append: str = ""
 
     @property
     def boot_deadline(self) -> float:
         return self.boot_timeout if self.boot_timeout is not None else self.profile.timeouts.boot
 
+    @property
+    def fell_back(self) -> bool:
+        return self.profile.name != self.requested
+
     def argv(self, sock_dir: str | Path, name: str) -> list[str]:
         return build_argv(self.qemu, self.profile, self.accel, self.kernel.image, self.initrd,
                           self.cmdline, str(sock_dir), name, self.extra_args)
+
+    def requested_argv(self, sock_dir: str | Path, name: str) -> list[str]:
+        """The argv the requested profile uses on a host that has what it needs."""
+        prof = self.requested_profile
+        return build_argv(self.qemu, prof, "kvm", self.kernel.image, self.initrd,
+                          kernel_cmdline(prof, self.append), str(sock_dir), name, self.extra_args)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,19 +67,91 @@ class LaunchPlan:
             "cmdline": self.cmdline,
             "extra_args": list(self.extra_args),
             "boot_timeout": self.boot_timeout,
+            "append": self.append,
             "profile": self.profile.to_json(),
+            "requested_profile": self.requested_profile.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LaunchPlan:
-        profile = load_profile(data["effective"])
         return cls(
-            requested=data["requested"], profile=profile, reasons=tuple(data["reasons"]),
+            requested=data["requested"], profile=Profile.from_json(data["profile"]),
+            requested_profile=Profile.from_json(data["requested_profile"]), reasons=tuple(data["reasons"]),
             accel=data["accel"], accel_reason=data["accel_reason"], qemu=data["qemu"],
             kernel=Kernel.from_json(data["kernel"]), initrd=Path(data["initrd"]),
             initrd_sha256=data["initrd_sha256"], cmdline=data["cmdline"],
             extra_args=tuple(data["extra_args"]), boot_timeout=data.get("boot_timeout"),
+            append=data.get("append", ""),
         )
+
+
+@dataclass(frozen=True)
+class ProfileChoice:
+    """Which profile runs here, and why."""
+
+    requested: Profile
+    effective: Profile
+    reasons: tuple[str, ...]
+    verdict: str  # "runs" | "falls back" | "cannot run"
+
+
+def _resolve_firmware(profile: Profile, caps: HostCaps) -> tuple[Profile, str | None]:
+    """Replace a firmware name by its path; returns the problem when there is none."""
+    if profile.firmware is None:
+        return profile, None
+    path, why = caps.firmware_path(profile.firmware)
+    if path is None:
+        return replace(profile, firmware=f"<firmware:{profile.firmware}>"), why
+    return replace(profile, firmware=path), None
+
+
+def prepare(name: str, params: dict[str, str], caps: HostCaps, strict_params: bool = True) -> tuple[Profile, list[str]]:
+    """Load a profile, fill its parameters, resolve firmware; returns it and its unmet needs."""
+    raw = load_profile(name)
+    if raw.param("tio_flag") == "auto" and "tio_flag" not in params:
+        params = {**params, "tio_flag": f"{caps.vfio_tio.value or 'x-tio'}=on"}
+    profile = apply_params(raw, params, strict=strict_params)
+    profile, firmware_problem = _resolve_firmware(profile, caps)
+    unmet = []
+    for need in profile.needs:
+        if need == "firmware":
+            if firmware_problem:
+                unmet.append(firmware_problem)
+            continue
+        ok, evidence = caps.check(need)
+        if not ok:
+            unmet.append(evidence)
+    return profile, unmet
+
+
+def choose_profile(name: str, params: dict[str, str], caps: HostCaps) -> ProfileChoice:
+    """The requested profile if the host has what it needs, else its emulated twin."""
+    requested, unmet = prepare(name, params, caps)
+    if not unmet:
+        if requested.param("host_bdf") == "" and requested.hotplug:
+            raise BadInput(f"profile {name}: needs --param host_bdf=<domain:bus:dev.fn of a vfio-pci function>")
+        return ProfileChoice(requested, requested, (), "runs")
+    if requested.twin is None:
+        return ProfileChoice(requested, requested, tuple(unmet), "cannot run")
+    twin, twin_unmet = prepare(requested.twin, params, caps, strict_params=False)
+    if twin_unmet:
+        return ProfileChoice(requested, twin, tuple(unmet + twin_unmet), "cannot run")
+    return ProfileChoice(requested, twin, tuple(unmet), "falls back")
+
+
+def plan_profile(name: str, params: dict[str, str], caps: HostCaps, strict: bool, force: bool) -> ProfileChoice:
+    """choose_profile() with the user's policy. Raises InfraError (exit 3) with one line."""
+    choice = choose_profile(name, params, caps)
+    if choice.verdict == "runs":
+        return choice
+    missing = "; ".join(choice.reasons)
+    if force:
+        return ProfileChoice(choice.requested, choice.requested, choice.reasons, "forced")
+    if strict:
+        raise InfraError(f"profile {name} cannot run on this host (--strict): {missing}")
+    if choice.verdict == "cannot run":
+        raise InfraError(f"profile {name} cannot run on this host and has no runnable twin: {missing}")
+    return choice
 
 
 def choose_accel(profile: Profile, caps: HostCaps) -> tuple[str, str]:
@@ -95,11 +180,12 @@ def build_argv(
     console output can be lost to a connect race.
     """
     cpu = profile.cpu_kvm if accel == "kvm" else profile.cpu_tcg
+    firmware = ["-bios", profile.firmware] if profile.firmware else []
     argv = [
         qemu, "-name", f"{name},debug-threads=on",
         "-machine", f"{profile.machine},accel={accel}",
         "-cpu", cpu, "-smp", str(profile.smp), "-m", f"{profile.memory_mib}M",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", *firmware,
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-chardev", f"socket,id=console,path={sock_dir}/console.sock",
         "-serial", "chardev:console",

@@ -48,11 +48,39 @@ class HostCaps:
     tdx: Fact
     iommu: Fact
     vfio_pci: Fact
+    vfio_tio: Fact = Fact(None, "not probed")
+    cbitpos: Fact = Fact(None, "not probed")
     firmware: dict[str, Fact] = field(default_factory=dict)
 
     @property
     def kvm_usable(self) -> bool:
         return self.kvm.value is True
+
+    def check(self, need: str) -> tuple[bool, str]:
+        """Whether this host has one capability a profile needs, and why (the evidence)."""
+        if need.startswith("qemu:"):
+            if need == "qemu:vfio-tio":
+                fact = self.vfio_tio
+                return bool(fact.value), f"vfio-pci TIO property: {fact.evidence}"
+            obj = need.split(":", 1)[1]
+            known = str(self.qemu_objects.value or "").split(",")
+            if obj in known:
+                return True, f"QEMU {self.qemu_version.value} has {obj}"
+            return False, f"QEMU {self.qemu_version.value} lacks {obj} ({self.qemu_objects.evidence})"
+        fact = {"kvm": self.kvm, "sev": self.sev, "sev_es": self.sev_es, "sev_snp": self.sev_snp,
+                "tdx": self.tdx, "iommu": self.iommu, "vfio_pci": self.vfio_pci}[need]
+        if need == "kvm":
+            return self.kvm_usable, f"kvm {fact.evidence}"
+        return bool(fact.value), f"{need}: {fact.evidence}"
+
+    def firmware_path(self, name: str) -> tuple[str | None, str]:
+        """Resolve a firmware name (ovmf, ovmf-amdsev, tdvf) or a path."""
+        if "/" in name:
+            return (name, "given") if Path(name).is_file() else (None, f"firmware {name}: no such file")
+        fact = self.firmware.get(name)
+        if fact is None:
+            return None, f"firmware {name!r}: unknown name; known: {', '.join(self.firmware)}"
+        return (str(fact.value), "found") if fact.value else (None, f"firmware {name}: {fact.evidence}")
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -179,6 +207,78 @@ def qemu_objects(qemu: str) -> list[str]:
     return [o for o in ("sev-guest", "sev-snp-guest", "tdx-guest") if o in listed]
 
 
+_TIO_PROPERTIES = ("x-tio", "tio", "x-secure-mode", "secure-mode")
+
+
+def qemu_vfio_tio(qemu: str) -> Fact:
+    """The TIO property of vfio-pci, if this QEMU has one (`-device vfio-pci,help`).
+
+    AMD's tree adds `x-tio` (seed 001); Intel's TDX Connect tree `x-secure-mode`.
+    """
+    proc = subprocess.run([qemu, "-device", "vfio-pci,help"], capture_output=True, text=True, timeout=10)
+    names = {m.group(1) for m in re.finditer(r"^\s+([\w-]+)=", proc.stdout, re.M)}
+    for prop in _TIO_PROPERTIES:
+        if prop in names:
+            return Fact(prop, f"{qemu} -device vfio-pci,help lists {prop}")
+    if not names:
+        return Fact(None, f"{qemu} has no vfio-pci device")
+    return Fact(None, f"none of {', '.join(_TIO_PROPERTIES)} in {qemu} -device vfio-pci,help")
+
+
+def read_cbitpos(root: Path) -> Fact:
+    """C-bit position from CPUID 0x8000001F EBX[5:0], through /dev/cpu/0/cpuid."""
+    dev = root / "dev/cpu/0/cpuid"
+    try:
+        fd = os.open(dev, os.O_RDONLY)
+    except OSError as e:
+        return Fact(None, f"not readable: /dev/cpu/0/cpuid: {e.strerror} (modprobe cpuid)")
+    try:
+        data = os.pread(fd, 16, 0x8000001F)
+    except OSError as e:
+        return Fact(None, f"CPUID 0x8000001F not readable: {e.strerror}")
+    finally:
+        os.close(fd)
+    if len(data) < 16:
+        return Fact(None, "CPUID 0x8000001F: short read")
+    eax, ebx = struct.unpack("<II", data[:8])
+    if not eax & 0x2:
+        return Fact(None, f"CPUID 0x8000001F EAX={eax:#x}: the CPU reports no SEV")
+    return Fact(ebx & 0x3F, f"CPUID 0x8000001F EBX={ebx:#x} bits 5:0")
+
+
+_DMESG_FACTS = (
+    ("sev_api", re.compile(r"SEV API:\s*(\d+\.\d+)")),
+    ("snp_api", re.compile(r"SEV-SNP API:\s*(\d+\.\d+)")),
+    ("tdx_module", re.compile(r"(?:virt/tdx|tdx): (?:TDX )?module initialized")),
+)
+
+
+def host_dmesg(root: Path) -> str | None:
+    """The host's kernel log: `dmesg` here, or a recorded `dmesg` file in a fixture root."""
+    if root != Path("/"):
+        try:
+            return (root / "dmesg").read_text()
+        except OSError:
+            return None
+    try:
+        proc = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _with_dmesg(fact: Fact, log: str | None, key: str) -> Fact:
+    if log is None:
+        return Fact(fact.value, fact.evidence + "; dmesg not readable")
+    for name, pattern in _DMESG_FACTS:
+        if name == key:
+            m = pattern.search(log)
+            if m:
+                line = next(x for x in log.splitlines() if pattern.search(x)).strip()
+                return Fact(fact.value, f"{fact.evidence}; dmesg: {line[-80:]}")
+    return fact
+
+
 def _param(root: Path, rel: str) -> str | None:
     try:
         return (root / rel).read_text().strip()
@@ -207,25 +307,29 @@ def probe_host(root: Path = Path("/"), use_cache: bool = True) -> HostCaps:
     iommus = root / "sys/class/iommu"
     n_iommu = len(list(iommus.iterdir())) if iommus.is_dir() else 0
     vfio = (root / "sys/bus/pci/drivers/vfio-pci").is_dir()
+    log = host_dmesg(root)
     return HostCaps(
         kvm=probe_kvm(qemu, root, use_cache),
         qemu=Fact(qemu, "found on PATH" if qemu else "qemu-system-x86_64 not on PATH"),
         qemu_version=Fact(version, f"{qemu} --version" if qemu else "no QEMU"),
         qemu_objects=Fact(",".join(objects), f"{qemu} -object help" if qemu else "no QEMU"),
-        sev=sev,
+        sev=_with_dmesg(sev, log, "sev_api"),
         sev_es=_module_flag(root, "kvm_amd", "sev_es"),
-        sev_snp=_module_flag(root, "kvm_amd", "sev_snp"),
-        tdx=_module_flag(root, "kvm_intel", "tdx"),
+        sev_snp=_with_dmesg(_module_flag(root, "kvm_amd", "sev_snp"), log, "snp_api"),
+        tdx=_with_dmesg(_module_flag(root, "kvm_intel", "tdx"), log, "tdx_module"),
         iommu=Fact(n_iommu > 0, f"{n_iommu} in /sys/class/iommu, {n_groups} IOMMU groups"),
         vfio_pci=Fact(vfio, "/sys/bus/pci/drivers/vfio-pci " + ("present" if vfio else "absent")),
+        vfio_tio=qemu_vfio_tio(qemu) if qemu else Fact(None, "no QEMU"),
+        cbitpos=read_cbitpos(root),
         firmware=_firmware(root),
     )
 
 
 _FIRMWARE = {
     "seabios": ("usr/share/seabios/bios-256k.bin",),
-    "ovmf": ("usr/share/OVMF/OVMF_CODE_4M.fd", "usr/share/OVMF/OVMF_CODE.fd"),
-    "ovmf-amdsev": ("usr/share/OVMF/OVMF.amdsev.fd",),
+    # -bios takes a combined image (code + vars), not the split _CODE files.
+    "ovmf": ("usr/share/ovmf/OVMF.fd", "usr/share/qemu/OVMF.fd"),
+    "ovmf-amdsev": ("usr/share/ovmf/OVMF.amdsev.fd", "usr/share/OVMF/OVMF.amdsev.fd"),
     "tdvf": ("usr/share/ovmf/OVMF.inteltdx.fd", "usr/share/qemu/OVMF.inteltdx.fd"),
 }
 

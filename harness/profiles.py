@@ -7,7 +7,7 @@ Unknown keys, wrong types and unknown names are BadInput naming the file and key
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,13 @@ import yaml
 from harness.errors import BadInput
 from harness.paths import PROFILES_DIR
 
-_LIST_KEYS = ("cmdline", "devices", "args", "modules", "needs")
+_LIST_KEYS = ("cmdline", "devices", "args", "modules", "needs", "hotplug")
+COCO_KINDS = ("none", "sev", "sev-es", "snp", "tdx")
+# What a profile may say it needs; HostCaps.check() decides each one.
+NEEDS = ("kvm", "sev", "sev_es", "sev_snp", "tdx", "iommu", "vfio_pci", "firmware", "qemu:sev-guest",
+         "qemu:sev-snp-guest", "qemu:tdx-guest", "qemu:vfio-tio")
+# Parameters every profile takes; a profile's `params:` adds its own with defaults.
+BUILTIN_PARAMS = ("memory", "smp")
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,15 @@ class Profile:
     modules: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
     twin: str | None = None
+    coco: str = "none"
+    firmware: str | None = None
+    hotplug: tuple[str, ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: tuple[str, ...] = ()
+
+    def param(self, name: str) -> str | None:
+        return dict(self.params).get(name)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -55,13 +68,25 @@ class Profile:
             elif isinstance(value, Timeouts):
                 value = {t.name: getattr(value, t.name) for t in fields(Timeouts)}
             out[f.name] = value
+        out["params"] = dict(self.params)
         return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Profile:
+        """Rebuild a profile exactly as a plan recorded it (YAML may have changed since)."""
+        kwargs = dict(data)
+        for f in fields(cls):
+            if isinstance(f.default, tuple) or f.name in ("cmdline", "source"):
+                kwargs[f.name] = tuple(kwargs.get(f.name) or ())
+        kwargs["params"] = tuple(sorted((str(k), str(v)) for k, v in (data.get("params") or {}).items()))
+        kwargs["timeouts"] = Timeouts(**data.get("timeouts", {}))
+        return cls(**kwargs)
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {
     "description": str, "machine": str, "accel": str, "smp": int, "memory": (int, str),
     "hotplug_ports": int, "twin": (str, type(None)), "extends": str, "cpu": dict,
-    "timeouts": dict,
+    "timeouts": dict, "coco": str, "firmware": (str, type(None)), "params": dict,
 }
 KNOWN_KEYS = sorted([*_SCALARS, *_LIST_KEYS, *(f"+{k}" for k in _LIST_KEYS)])
 
@@ -127,7 +152,7 @@ def _merged(name: str, directory: Path, chain: tuple[str, ...] = ()) -> tuple[di
             continue
         if key.startswith("+"):
             merged[key[1:]] = [*merged.get(key[1:], []), *value]
-        elif key in ("cpu", "timeouts"):
+        elif key in ("cpu", "timeouts", "params"):
             merged[key] = {**merged.get(key, {}), **value}
         else:
             merged[key] = value
@@ -139,7 +164,7 @@ def load_profile(name: str, directory: Path = PROFILES_DIR) -> Profile:
     data, sources = _merged(name, directory)
     where = f"profile {name}"
     kwargs: dict[str, Any] = {"name": name, "source": sources}
-    for key in ("description", "machine", "accel", "smp", "hotplug_ports", "twin"):
+    for key in ("description", "machine", "accel", "smp", "hotplug_ports", "twin", "coco", "firmware"):
         if key in data:
             kwargs[key] = data[key]
     if "memory" in data:
@@ -160,4 +185,59 @@ def load_profile(name: str, directory: Path = PROFILES_DIR) -> Profile:
     kwargs["timeouts"] = Timeouts(**{k: float(v) for k, v in times.items()})
     if kwargs.get("accel", "auto") not in ("auto", "kvm", "tcg"):
         raise BadInput(f"{where}: key 'accel' must be auto, kvm or tcg")
-    return Profile(**kwargs)
+    if kwargs.get("coco", "none") not in COCO_KINDS:
+        raise BadInput(f"{where}: key 'coco' must be one of {', '.join(COCO_KINDS)}")
+    for need in kwargs.get("needs", ()):
+        if need not in NEEDS:
+            raise BadInput(f"{where}: key 'needs': unknown capability {need!r}; known: {', '.join(NEEDS)}")
+    params = data.get("params", {})
+    for key, value in params.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise BadInput(f"{where}: key 'params.{key}' must be a string or a number")
+    kwargs["params"] = tuple(sorted((str(k), str(v)) for k, v in params.items()))
+    profile = Profile(**kwargs)
+    # A template naming a parameter the profile does not declare is a profile bug: say so now.
+    apply_params(profile, {})
+    return profile
+
+
+def _expand(text: str, values: dict[str, str], where: str) -> str:
+    try:
+        return text.format_map(values)
+    except KeyError as e:
+        raise BadInput(f"{where}: {{{e.args[0]}}} is not a parameter of the profile") from None
+    except (ValueError, IndexError) as e:
+        raise BadInput(f"{where}: bad template {text!r}: {e}") from None
+
+
+def apply_params(profile: Profile, overrides: dict[str, str], strict: bool = True) -> Profile:
+    """Fill `{name}` templates with the profile's parameters and the user's overrides.
+
+    `memory` and `smp` set the machine size. An override the profile does not
+    declare is BadInput when `strict` (the requested profile), ignored otherwise
+    (a fallback twin does not take, say, the C-bit position).
+    """
+    values = dict(profile.params)
+    for key, value in overrides.items():
+        if key not in values and key not in BUILTIN_PARAMS:
+            if strict:
+                known = ", ".join(sorted([*values, *BUILTIN_PARAMS]))
+                raise BadInput(f"profile {profile.name}: unknown parameter {key!r}; known: {known}")
+            continue
+        values[key] = value
+    where = f"profile {profile.name}"
+    changes: dict[str, Any] = {
+        key: tuple(_expand(v, values, f"{where}: key '{key}'") for v in getattr(profile, key))
+        for key in ("cmdline", "devices", "args", "hotplug")
+    }
+    changes["machine"] = _expand(profile.machine, values, f"{where}: key 'machine'")
+    if profile.firmware is not None:
+        changes["firmware"] = _expand(profile.firmware, values, f"{where}: key 'firmware'")
+    if "memory" in overrides:
+        changes["memory_mib"] = _memory_mib(overrides["memory"], f"{where}: parameter 'memory'")
+    if "smp" in overrides:
+        if not str(overrides["smp"]).isdigit() or int(overrides["smp"]) < 1:
+            raise BadInput(f"{where}: parameter 'smp' must be a positive integer")
+        changes["smp"] = int(overrides["smp"])
+    changes["params"] = tuple(sorted(values.items()))
+    return replace(profile, **changes)

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, Terminated
+from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
 from harness.machine import _die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write
-from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, build_argv, choose_accel, kernel_cmdline
+from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
 from harness.profiles import load_profile
 from harness.results import (
@@ -55,6 +55,9 @@ class RunRequest:
     qemu_args: list[str] = field(default_factory=list)
     timeout: float = 1800.0
     boot_timeout: float | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    strict: bool = False
+    force: bool = False
     dry_run: bool = False
     json: bool = False
     reproduces: str | None = None
@@ -62,30 +65,35 @@ class RunRequest:
 
 def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan, HostCaps]:
     """Resolve profile, kernel and initramfs into a LaunchPlan. Raises BadInput/InfraError."""
-    profile = load_profile(req.profile)
+    load_profile(req.profile)  # an unknown profile is bad input before any slow step
     if not req.tests.is_dir():
         raise BadInput(f"guest tests {req.tests}: no such directory")
-    kernel = resolve_kernel(req.kernel)
     caps = caps or probe_host()
     if not caps.qemu.value:
-        from harness.errors import InfraError
         raise InfraError("QEMU not found: install qemu-system-x86 (or set HARNESS_QEMU)")
+    choice = plan_profile(req.profile, req.params, caps, req.strict, req.force)
+    profile = choice.effective
+    kernel = resolve_kernel(req.kernel)
     accel, why = choose_accel(profile, caps)
-    initrd = build_initramfs(kernel, profile.modules)
+    # The initramfs carries the modules of both, so a forced or reproduced run
+    # of the requested profile finds what it needs.
+    modules = tuple(dict.fromkeys([*profile.modules, *choice.requested.modules]))
+    initrd = build_initramfs(kernel, modules)
     plan = LaunchPlan(
-        requested=req.profile, profile=profile, reasons=(), accel=accel, accel_reason=why,
+        requested=req.profile, profile=profile, reasons=choice.reasons, requested_profile=choice.requested,
+        accel=accel, accel_reason=why,
         qemu=str(caps.qemu.value), kernel=kernel, initrd=initrd.path, initrd_sha256=initrd.sha256,
         cmdline=kernel_cmdline(profile, req.append), extra_args=tuple(req.qemu_args),
-        boot_timeout=req.boot_timeout,
+        boot_timeout=req.boot_timeout, append=req.append,
     )
     if initrd.missing_modules:
+        names = profile.name if profile.name == req.profile else f"{req.profile}/{profile.name}"
         print(f"warning: kernel {kernel.release} has no module(s) {', '.join(initrd.missing_modules)} "
-              f"that profile {profile.name} asks for", file=sys.stderr)
+              f"named by profile {names}", file=sys.stderr)
     return plan, caps
 
 
 def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
-    requested = load_profile(plan.requested)
     return {
         "requested": plan.requested,
         "effective": plan.profile.name,
@@ -94,8 +102,8 @@ def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
         "accel_reason": plan.accel_reason,
         "cmdline": plan.cmdline,
         "argv": plan.argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
-        "requested_argv": build_argv(plan.qemu, requested, "kvm", plan.kernel.image, plan.initrd,
-                                     plan.cmdline, SOCK_DIR_PLACEHOLDER, "harness-main", plan.extra_args),
+        "requested_argv": plan.requested_argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
+        "params": dict(plan.requested_profile.params),
     }
 
 
@@ -180,6 +188,8 @@ def run(req: RunRequest, argv: list[str]) -> int:
     write_records(run_dir, [])
     print(f"run {run_id}: kernel {plan.kernel.release}, profile {plan.profile.name}, "
           f"accel {plan.accel} ({plan.accel_reason})", flush=True)
+    if plan.fell_back:
+        print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
     sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     (sock_parent / "owner.pid").write_text(str(os.getpid()))
     status, code, note = "error", EXIT_INFRA, ""
@@ -216,7 +226,8 @@ def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
         "invocation": {
             "kernel": req.kernel, "profile": req.profile, "append": req.append,
             "pytest_args": req.pytest_args, "qemu_args": req.qemu_args, "tests": str(req.tests),
-            "timeout": req.timeout, "boot_timeout": req.boot_timeout,
+            "timeout": req.timeout, "boot_timeout": req.boot_timeout, "params": req.params,
+            "strict": req.strict, "force": req.force,
         },
         "reproduces": req.reproduces,
         "host": caps.to_json(),
@@ -226,7 +237,8 @@ def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
         "series": list(plan.kernel.series),
         "initramfs": {"path": str(plan.initrd), "sha256": plan.initrd_sha256},
         "profile": {"requested": plan.requested, "effective": plan.profile.name,
-                    "reasons": list(plan.reasons), "accel": plan.accel,
+                    "reasons": list(plan.reasons), "accel": plan.accel, "params": dict(plan.profile.params),
+                    "requested_params": dict(plan.requested_profile.params),
                     "accel_reason": plan.accel_reason},
         "cmdline": plan.cmdline,
     }
@@ -321,8 +333,10 @@ def _print_summary(run_dir: Path, meta: dict[str, Any], records: list[TestRecord
     print(summary_table(records))
     prof = meta["profile"]
     print(f"kernel {meta['kernel']['release']}  profile {prof['requested']}"
-          + (f" -> {prof['effective']}" if prof["effective"] != prof["requested"] else "")
+          + (f" -> {prof['effective']} (fallback)" if prof["effective"] != prof["requested"] else "")
           + f"  accel {prof['accel']}")
+    for reason in prof["reasons"]:
+        print(f"  {'forced despite' if prof['effective'] == prof['requested'] else 'because'}: {reason}")
     t = meta["timings"]
     boot = f"{t['boot']:.2f}s" if t["boot"] is not None else "-"
     print(f"boot {boot}  tests {t['tests']:.2f}s  total {t['total']:.2f}s")
