@@ -34,6 +34,7 @@ class LaunchPlan:
     extra_args: tuple[str, ...] = ()
     boot_timeout: float | None = None
     append: str = ""
+    initrd_modules: tuple[str, ...] = ()
 
     @property
     def boot_deadline(self) -> float:
@@ -68,6 +69,7 @@ class LaunchPlan:
             "extra_args": list(self.extra_args),
             "boot_timeout": self.boot_timeout,
             "append": self.append,
+            "initrd_modules": list(self.initrd_modules),
             "profile": self.profile.to_json(),
             "requested_profile": self.requested_profile.to_json(),
         }
@@ -81,7 +83,7 @@ class LaunchPlan:
             kernel=Kernel.from_json(data["kernel"]), initrd=Path(data["initrd"]),
             initrd_sha256=data["initrd_sha256"], cmdline=data["cmdline"],
             extra_args=tuple(data["extra_args"]), boot_timeout=data.get("boot_timeout"),
-            append=data.get("append", ""),
+            append=data.get("append", ""), initrd_modules=tuple(data.get("initrd_modules", ())),
         )
 
 

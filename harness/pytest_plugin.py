@@ -47,6 +47,29 @@ class RunInfo:
     def profile(self) -> str:
         return self.plan.profile.name
 
+    @property
+    def requested_coco(self) -> str:
+        """The memory encryption the requested profile asks for (none, sev, sev-es, snp, tdx)."""
+        return self.plan.requested_profile.coco
+
+    @property
+    def coco(self) -> str:
+        """The memory encryption of the guest that actually runs."""
+        return self.plan.profile.coco
+
+    def require_coco(self, *kinds: str, what: str) -> None:
+        """Skip, with the reason, a hardware assertion this run cannot make honestly.
+
+        An emulated run never passes a CoCo assertion: it skips it, saying which
+        profile was asked for, what ran instead and why.
+        """
+        if self.requested_coco not in kinds:
+            pytest.skip(f"{what}: profile {self.plan.requested} is not {'/'.join(kinds)} "
+                        f"(coco: {self.requested_coco})")
+        if self.coco != self.requested_coco:
+            pytest.skip(f"{what}: emulated run - profile {self.plan.requested} fell back to "
+                        f"{self.plan.profile.name} ({'; '.join(self.plan.reasons)})")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness")

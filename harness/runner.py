@@ -84,7 +84,7 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
         accel=accel, accel_reason=why,
         qemu=str(caps.qemu.value), kernel=kernel, initrd=initrd.path, initrd_sha256=initrd.sha256,
         cmdline=kernel_cmdline(profile, req.append), extra_args=tuple(req.qemu_args),
-        boot_timeout=req.boot_timeout, append=req.append,
+        boot_timeout=req.boot_timeout, append=req.append, initrd_modules=initrd.modules,
     )
     if initrd.missing_modules:
         names = profile.name if profile.name == req.profile else f"{req.profile}/{profile.name}"
