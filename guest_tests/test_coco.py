@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from harness.guest import GuestSession
+from harness.guest import GuestChannel
 from harness.pytest_plugin import RunInfo
 
 BANNER = re.compile(r"Memory Encryption Features active: (.*)")
@@ -30,12 +30,12 @@ def _banner(dmesg_lines: list[str]) -> str | None:
     return None
 
 
-def _cmdline(guest: GuestSession) -> list[str]:
+def _cmdline(guest: GuestChannel) -> list[str]:
     return guest.read_text("/proc/cmdline").split()
 
 
 def _dma_path_is_coco(run_info: RunInfo) -> bool:
-    return run_info.coco != "none" or "swiotlb=force" in run_info.plan.cmdline.split()
+    return run_info.coco != "none" or "swiotlb=force" in (run_info.cmdline or "").split()
 
 
 def test_memory_encryption_banner_matches_profile(dmesg_lines: list[str], run_info: RunInfo) -> None:
@@ -54,13 +54,13 @@ def test_no_encryption_claimed_without_hardware(dmesg_lines: list[str], run_info
     assert _banner(dmesg_lines) is None, "an unencrypted guest claims memory encryption"
 
 
-def test_guest_device_node(guest: GuestSession, run_info: RunInfo) -> None:
+def test_guest_device_node(guest: GuestChannel, run_info: RunInfo) -> None:
     run_info.require_coco("snp", "tdx", what="guest attestation device")
     node = {"snp": "/dev/sev-guest", "tdx": "/dev/tdx_guest"}[run_info.coco]
     assert guest.run(f"test -c {node}").ok, f"{node} missing"
 
 
-def test_snp_vmpl_is_readable(guest: GuestSession, run_info: RunInfo) -> None:
+def test_snp_vmpl_is_readable(guest: GuestChannel, run_info: RunInfo) -> None:
     run_info.require_coco("snp", what="SNP VMPL")
     path = "/sys/devices/system/cpu/sev/vmpl"
     if not guest.run(f"test -e {path}").ok:
@@ -68,7 +68,7 @@ def test_snp_vmpl_is_readable(guest: GuestSession, run_info: RunInfo) -> None:
     assert guest.read_text(path).strip().isdigit()
 
 
-def test_configfs_tsm_report(guest: GuestSession, run_info: RunInfo) -> None:
+def test_configfs_tsm_report(guest: GuestChannel, run_info: RunInfo) -> None:
     run_info.require_coco("sev", "sev-es", "snp", "tdx", what="configfs-tsm attestation report")
     if not guest.run("test -d /sys/kernel/config/tsm/report").ok:
         pytest.skip(f"kernel {run_info.kernel_release} has no configfs-tsm (CONFIG_TSM_REPORTS, 6.7+)")
@@ -83,7 +83,7 @@ def test_configfs_tsm_report(guest: GuestSession, run_info: RunInfo) -> None:
     assert provider == {"tdx": "tdx_guest"}.get(run_info.coco, "sev_guest")
 
 
-def test_swiotlb_pool(guest: GuestSession, run_info: RunInfo) -> None:
+def test_swiotlb_pool(guest: GuestChannel, run_info: RunInfo) -> None:
     if not _dma_path_is_coco(run_info):
         pytest.skip(f"profile {run_info.profile} does not use the CoCo DMA path")
     if not guest.run(f"test -r {SWIOTLB}/io_tlb_nslabs").ok:
@@ -98,7 +98,7 @@ def test_swiotlb_pool(guest: GuestSession, run_info: RunInfo) -> None:
         assert mib >= 64, f"swiotlb pool {mib} MiB"
 
 
-def test_virtio_negotiated_access_platform(guest: GuestSession, run_info: RunInfo) -> None:
+def test_virtio_negotiated_access_platform(guest: GuestChannel, run_info: RunInfo) -> None:
     if not _dma_path_is_coco(run_info):
         pytest.skip(f"profile {run_info.profile} does not use the CoCo DMA path")
     listing = guest.check("for d in /sys/bus/virtio/devices/*; do "
@@ -111,7 +111,7 @@ def test_virtio_negotiated_access_platform(guest: GuestSession, run_info: RunInf
     assert not lacking, f"virtio devices without VIRTIO_F_ACCESS_PLATFORM: {lacking}"
 
 
-def test_dma_bounces_through_swiotlb(guest: GuestSession, run_info: RunInfo) -> None:
+def test_dma_bounces_through_swiotlb(guest: GuestChannel, run_info: RunInfo) -> None:
     if not _dma_path_is_coco(run_info):
         pytest.skip(f"profile {run_info.profile} does not use the CoCo DMA path")
     if not guest.run("test -c /dev/hwrng").ok or guest.read_text(

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, BadInput, HarnessError, Terminated
@@ -28,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", default=DEFAULT_KERNEL,
+    p.add_argument("--kernel", default=None,
                    help=f"bzImage path, kernel build dir, or debian:<linux-image package> (default {DEFAULT_KERNEL})")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"QEMU profile from qemu_cmdlines/ (default {DEFAULT_PROFILE}; available: "
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tests", type=Path, default=GUEST_TESTS_DIR, help="guest test directory")
     p.add_argument("--timeout", type=float, default=1800.0, help="deadline for all guest tests, seconds")
     p.add_argument("--dry-run", action="store_true", help="print the launch plan, start nothing")
+    p.add_argument("--channel", choices=("serial", "ssh"), default="serial",
+                   help="command channel to our guest: its second serial port, or SSH (dropbear, per-run keys)")
+    p.add_argument("--target", default=None, metavar="ssh://USER@HOST[:PORT]",
+                   help="run the guest tests on an existing machine over SSH instead of booting one")
+    p.add_argument("--identity", type=Path, default=None, help="private key for --target")
+    p.add_argument("--known-hosts", type=Path, default=None,
+                   help="known_hosts file pinning --target's host key (default: ~/.ssh/known_hosts)")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
 
     p = sub.add_parser("boot", help="boot and attach the terminal to the guest console (Ctrl-] leaves)")
@@ -184,19 +192,19 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def profile_table(caps: HostCaps, check_argv: bool = False) -> list[dict[str, object]]:
+def profile_table(caps: HostCaps, check_argv: bool = False) -> list[dict[str, Any]]:
     """Each profile: runs for real here / falls back to its twin / cannot run, and why."""
     from harness.plan import choose_profile
     from harness.qemu_check import check_profile_argv
 
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for name in available():
         try:
             choice = choose_profile(name, {}, caps)
         except HarnessError as e:
             rows.append({"profile": name, "verdict": "cannot run", "effective": name, "reasons": [str(e)]})
             continue
-        row: dict[str, object] = {"profile": name, "verdict": choice.verdict, "effective": choice.effective.name,
+        row: dict[str, Any] = {"profile": name, "verdict": choice.verdict, "effective": choice.effective.name,
                                   "reasons": list(choice.reasons)}
         if check_argv:
             verdict = check_profile_argv(choice.requested, caps)
@@ -214,7 +222,8 @@ def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> i
                      tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
                      timeout=args.timeout, boot_timeout=args.boot_timeout, dry_run=args.dry_run,
                      json=args.json, params=parse_params(args.param, args.params), strict=args.strict,
-                     force=args.force)
+                     force=args.force, channel=args.channel, target=args.target, identity=args.identity,
+                     known_hosts=args.known_hosts)
     return run(req, argv)
 
 
@@ -255,12 +264,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     image = Path(meta["kernel"]["image"])
     if not image.is_file() or file_sha256(image) != meta["kernel"]["sha256"]:
         raise BadInput(f"kernel {image} of run {meta['run_id']} is missing or changed since (sha256)")
+    if "target" in inv:
+        raise BadInput(f"{result}: a remote-target run is reproduced by running it again on its target")
     req = RunRequest(kernel=str(image), profile=inv["profile"], append=inv["append"],
                      results=args.results or result.parent, tests=Path(inv["tests"]),
                      pytest_args=list(inv["pytest_args"]), qemu_args=list(inv["qemu_args"]),
                      timeout=float(inv["timeout"]), boot_timeout=inv.get("boot_timeout"),
                      params=dict(inv.get("params") or {}), strict=bool(inv.get("strict")),
-                     force=bool(inv.get("force")),
+                     force=bool(inv.get("force")), channel=str(inv.get("channel", "serial")),
                      reproduces=meta["run_id"])
     print(f"reproducing {meta['run_id']}: {shlex.join(meta['command'])}", flush=True)
     start = time.monotonic()

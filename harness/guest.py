@@ -48,13 +48,48 @@ class CommandFailed(AssertionError):
 
     def __init__(self, result: CommandResult) -> None:
         detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        super().__init__(f"guest command {result.command!r} exited {result.exit_code}: "
+        super().__init__(f"guest command {short(result.command)} exited {result.exit_code}: "
                          + " | ".join(detail))
         self.result = result
 
 
-class GuestSession:
-    """Commands, file transfer and the release string of a running guest."""
+class GuestChannel:
+    """What guest tests use, whatever carries it (serial agent or SSH).
+
+    Subclasses implement `run`; the rest is built on it.
+    """
+
+    default_timeout: float = 60.0
+    closed: bool = False
+
+    def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
+        raise NotImplementedError
+
+    def check(self, command: str, timeout: float | None = None) -> str:
+        """Run a command that must succeed; returns its stdout. Raises CommandFailed."""
+        return self.run(command, timeout, check=True).stdout
+
+    def read_text(self, path: str) -> str:
+        return self.check(f"cat {quote(path)}")
+
+    def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
+        """Write bytes to a file in the guest."""
+        self.check(f": > {quote(remote)}")
+        for i in range(0, len(data), _CHUNK):
+            chunk = base64.b64encode(data[i:i + _CHUNK]).decode()
+            self.check(f"echo {chunk} | base64 -d >> {quote(remote)}")
+        self.check(f"chmod {mode:o} {quote(remote)}")
+
+    def get(self, remote: str) -> bytes:
+        """Read a file from the guest."""
+        return base64.b64decode(self.check(f"base64 {quote(remote)}"))
+
+    def close(self) -> None:
+        pass
+
+
+class GuestSession(GuestChannel):
+    """The serial command channel: commands, file transfer, the agent's release string."""
 
     def __init__(self, sock: socket.socket, transcript: Path | None = None,
                  default_timeout: float = 60.0) -> None:
@@ -107,11 +142,11 @@ class GuestSession:
         try:
             self._child.expect(re.escape(b"@@E" + token + b" ") + rb"(\d+)\n", timeout=limit + 10)
         except pexpect.TIMEOUT:
-            self._broken = (f"guest did not answer {command!r} within {limit + 10:.0f} s "
+            self._broken = (f"guest did not answer {short(command)} within {limit + 10:.0f} s "
                             "(command channel stuck: kernel hang?)")
             raise GuestUnresponsive(self._broken) from None
         except pexpect.EOF:
-            self._broken = f"command channel closed while running {command!r} (guest died?)"
+            self._broken = f"command channel closed while running {short(command)} (guest died?)"
             raise GuestUnresponsive(self._broken) from None
         rc = int(self._child.match.group(1))
         raw: bytes = self._child.before
@@ -129,25 +164,6 @@ class GuestSession:
             raise CommandFailed(result)
         return result
 
-    def check(self, command: str, timeout: float | None = None) -> str:
-        """Run a command that must succeed; returns its stdout."""
-        return self.run(command, timeout, check=True).stdout
-
-    def read_text(self, path: str) -> str:
-        return self.check(f"cat {_quote(path)}")
-
-    def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
-        """Write bytes to a file in the guest."""
-        self.check(f": > {_quote(remote)}")
-        for i in range(0, len(data), _CHUNK):
-            chunk = base64.b64encode(data[i:i + _CHUNK]).decode()
-            self.check(f"echo {chunk} | base64 -d >> {_quote(remote)}")
-        self.check(f"chmod {mode:o} {_quote(remote)}")
-
-    def get(self, remote: str) -> bytes:
-        """Read a file from the guest."""
-        return base64.b64decode(self.check(f"base64 {_quote(remote)}"))
-
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -158,5 +174,11 @@ class GuestSession:
             pass
 
 
-def _quote(text: str) -> str:
+def short(command: str, limit: int = 80) -> str:
+    """A command as error messages quote it: a long one is cut."""
+    text = command if len(command) <= limit else command[:limit] + f"... ({len(command)} chars)"
+    return repr(text)
+
+
+def quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"

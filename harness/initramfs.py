@@ -122,10 +122,38 @@ def _read_module(path: Path) -> bytes:
     return data
 
 
+DROPBEAR = "/usr/sbin/dropbear"
+
+
+def elf_with_libraries(binary: str) -> list[Path]:
+    """A dynamically linked program and the shared objects `ldd` says it loads."""
+    path = Path(binary)
+    if not path.is_file():
+        raise InfraError(f"{binary} not found: install the dropbear-bin package for the ssh channel")
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=30, check=True).stdout
+    libs = [Path(m) for m in (line.split("=>")[-1].split("(")[0].strip() for line in out.splitlines())
+            if m.startswith("/")]
+    return [path, *libs]
+
+
+def ssh_overlay(authorized_key: str, host_key: Path) -> bytes:
+    """A cpio to append to the cached image: this run's keys, never in the cache."""
+    buf = io.BytesIO()
+    cpio = CpioWriter(buf)
+    for d in ("root", "root/.ssh", "etc", "etc/harness"):
+        cpio.directory(d, 0o700 if d.startswith("root") else 0o755)
+    # dropbear refuses authorized_keys that group or others can write.
+    cpio.file("root/.ssh/authorized_keys", (authorized_key + "\n").encode(), 0o600)
+    cpio.file("etc/harness/ssh_host_key", host_key.read_bytes(), 0o600)
+    cpio.finish()
+    return buf.getvalue()
+
+
 def build_initramfs(
     kernel: Kernel,
     modules: tuple[str, ...] = (),
     extra_files: tuple[tuple[str, Path], ...] = (),
+    ssh: bool = False,
 ) -> Initramfs:
     """Build (or take from the cache) the initramfs for `kernel`.
 
@@ -133,6 +161,8 @@ def build_initramfs(
     are reported in `missing_modules`, not raised: the tests that need them say so.
     """
     busybox = _busybox()
+    if ssh:
+        extra_files = (*extra_files, *((str(p), p) for p in elf_with_libraries(DROPBEAR)))
     order: list[str] = []
     missing: list[str] = list(modules) if modules and kernel.modules_dir is None else []
     if modules and kernel.modules_dir is not None:
@@ -191,7 +221,15 @@ def _render(
             cpio.file(target, _read_module(kernel.modules_dir / rel))
         listing = "".join(rel.split(".ko", 1)[0] + ".ko\n" for rel in order)
         cpio.file("etc/harness/modules", listing.encode())
+    made_dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "lib", "lib/modules"}
     for name, src in extra_files:
-        cpio.file(name.lstrip("/"), src.read_bytes(), 0o755)
+        target = name.lstrip("/")
+        parts = target.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made_dirs:
+                cpio.directory(d)
+                made_dirs.add(d)
+        cpio.file(target, src.read_bytes(), 0o755)
     cpio.finish()
     return buf.getvalue()

@@ -19,14 +19,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
 from harness.console import BootScanner, split_lines
 from harness.errors import BootFailure, GuestUnreachable, InfraError, QemuStartError
-from harness.guest import GuestSession
+from harness.guest import GuestChannel, GuestSession
+from harness.initramfs import ssh_overlay
 from harness.plan import LaunchPlan
 from harness.qmp import QmpChannel
+from harness.ssh import GuestKeys, SshSession, SshTarget, free_port, make_guest_keys
 
 _PR_SET_PDEATHSIG = 1
 _TAIL = 40
@@ -61,7 +64,10 @@ class Machine:
         self.argv: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QmpChannel | None = None
-        self.guest: GuestSession | None = None
+        self.agent: GuestSession | None = None   # the serial agent (always there)
+        self.guest: GuestChannel | None = None   # what tests use: the agent, or SSH
+        self.ssh_port: int | None = None
+        self._keys: GuestKeys | None = None
         self.console: socket.socket | None = None
         self._listeners: list[socket.socket] = []
         self._reader: threading.Thread | None = None
@@ -112,7 +118,17 @@ class Machine:
         channel_l = self._listen(self.sock_dir / "channel.sock")
         self.qmp = QmpChannel(self.name)
         self.qmp.start_server(str(self.sock_dir / "qmp.sock"))
-        self.argv = self.plan.argv(self.sock_dir, self.name)
+        plan = self.plan
+        if plan.channel == "ssh":
+            # Per-run keys ride in a cpio appended to the cached image, in the
+            # private directory: the kernel unpacks concatenated archives in order.
+            self._keys = make_guest_keys(self.sock_dir)
+            initrd = self.sock_dir / "initrd.cpio"
+            initrd.write_bytes(plan.initrd.read_bytes()
+                               + ssh_overlay(self._keys.authorized_key, self._keys.host_key))
+            plan = replace(plan, initrd=initrd)
+            self.ssh_port = free_port()
+        self.argv = plan.argv(self.sock_dir, self.name, self.ssh_port)
         (self.logdir / "qemu-argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
         self._stderr_path = self.logdir / f"qemu-{self.name}.log"
         stderr = open(self._stderr_path, "wb")
@@ -138,8 +154,9 @@ class Machine:
         self._reader = threading.Thread(target=self._read_console, name=f"console-{self.name}",
                                         daemon=True)
         self._reader.start()
-        self.guest = GuestSession(channel, self.logdir / f"channel-{self.name}.log",
+        self.agent = GuestSession(channel, self.logdir / f"channel-{self.name}.log",
                                   default_timeout=self.plan.profile.timeouts.command)
+        self.guest = self.agent
 
     def _remaining(self, budget: float) -> float:
         assert self.launched_at is not None
@@ -202,14 +219,14 @@ class Machine:
         with self._lock:
             return list(self._lines)
 
-    def wait_boot(self, timeout: float | None = None) -> GuestSession:
+    def wait_boot(self, timeout: float | None = None) -> GuestChannel:
         """Wait until the guest's command agent is up.
 
         Raises BootFailure (kernel fault: panic, oops, reset, QEMU exit after
         the kernel printed, or no userspace in time) or GuestUnreachable (no
         console output at all by the deadline).
         """
-        assert self.guest is not None and self.proc is not None and self.launched_at is not None
+        assert self.agent is not None and self.proc is not None and self.launched_at is not None
         budget = timeout if timeout is not None else self.plan.boot_deadline
         deadline = self.launched_at + budget
         while True:
@@ -219,7 +236,7 @@ class Machine:
                 self._wait_exit(2.0)
                 raise BootFailure(f"kernel {fault.kind} during boot: {fault.line.strip()}",
                                   tuple(self.console_lines()[-_TAIL:]))
-            if self.guest.closed:
+            if self.agent.closed:
                 # QEMU closed the channel: it is exiting. Let the console drain.
                 self._wait_exit(2.0)
             if self.proc.poll() is not None:
@@ -227,8 +244,14 @@ class Machine:
                 if self._scanner.fault is not None:
                     continue
                 self._after_exit()
-            if self.guest.wait_ready(0.05):
+            if self.agent.wait_ready(0.05):
+                if self._keys is not None and self.ssh_port is not None:
+                    self.guest = SshSession(
+                        SshTarget("root", "127.0.0.1", self.ssh_port), self._keys.client_key,
+                        host_key=self._keys.host_key_public, connect_timeout=max(5.0, deadline - time.monotonic()),
+                        default_timeout=self.plan.profile.timeouts.command)
                 self.boot_seconds = time.monotonic() - self.launched_at
+                assert self.guest is not None
                 return self.guest
             if time.monotonic() > deadline:
                 lines = tuple(self.console_lines()[-_TAIL:])
@@ -274,7 +297,7 @@ class Machine:
         budget = timeout if timeout is not None else self.plan.profile.timeouts.shutdown
         try:
             if self.proc is not None and self.proc.poll() is None:
-                if self.qmp is not None and self.guest is not None:
+                if self.qmp is not None and self.agent is not None:
                     try:
                         self.qmp.execute("quit", timeout=min(3.0, budget))
                     except Exception:  # noqa: BLE001 - falls through to the hard path
@@ -311,8 +334,9 @@ class Machine:
                 self.proc.wait(10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-        if self.guest is not None:
-            self.guest.close()
+        for session in (self.guest, self.agent):
+            if session is not None:
+                session.close()
         for sock in [*self._listeners, *([self.console] if self.console else [])]:
             try:
                 # shutdown() wakes a reader blocked in recv(); close() alone does not.

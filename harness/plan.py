@@ -35,6 +35,7 @@ class LaunchPlan:
     boot_timeout: float | None = None
     append: str = ""
     initrd_modules: tuple[str, ...] = ()
+    channel: str = "serial"
 
     @property
     def boot_deadline(self) -> float:
@@ -44,15 +45,16 @@ class LaunchPlan:
     def fell_back(self) -> bool:
         return self.profile.name != self.requested
 
-    def argv(self, sock_dir: str | Path, name: str) -> list[str]:
+    def argv(self, sock_dir: str | Path, name: str, ssh_port: int | None = None) -> list[str]:
         return build_argv(self.qemu, self.profile, self.accel, self.kernel.image, self.initrd,
-                          self.cmdline, str(sock_dir), name, self.extra_args)
+                          self.cmdline, str(sock_dir), name, self.extra_args, ssh_port)
 
     def requested_argv(self, sock_dir: str | Path, name: str) -> list[str]:
         """The argv the requested profile uses on a host that has what it needs."""
         prof = self.requested_profile
         return build_argv(self.qemu, prof, "kvm", self.kernel.image, self.initrd,
-                          kernel_cmdline(prof, self.append), str(sock_dir), name, self.extra_args)
+                          kernel_cmdline(prof, self.append, self.channel), str(sock_dir), name, self.extra_args,
+                          0 if self.channel == "ssh" else None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,7 @@ class LaunchPlan:
             "boot_timeout": self.boot_timeout,
             "append": self.append,
             "initrd_modules": list(self.initrd_modules),
+            "channel": self.channel,
             "profile": self.profile.to_json(),
             "requested_profile": self.requested_profile.to_json(),
         }
@@ -84,6 +87,7 @@ class LaunchPlan:
             initrd_sha256=data["initrd_sha256"], cmdline=data["cmdline"],
             extra_args=tuple(data["extra_args"]), boot_timeout=data.get("boot_timeout"),
             append=data.get("append", ""), initrd_modules=tuple(data.get("initrd_modules", ())),
+            channel=data.get("channel", "serial"),
         )
 
 
@@ -166,13 +170,14 @@ def choose_accel(profile: Profile, caps: HostCaps) -> tuple[str, str]:
     return "tcg", f"kvm {caps.kvm.evidence}"
 
 
-def kernel_cmdline(profile: Profile, append: str = "") -> str:
-    return " ".join([*profile.cmdline, *shlex.split(append)])
+def kernel_cmdline(profile: Profile, append: str = "", channel: str = "serial") -> str:
+    ssh = ["harness.ssh=1"] if channel == "ssh" else []
+    return " ".join([*profile.cmdline, *ssh, *shlex.split(append)])
 
 
 def build_argv(
     qemu: str, profile: Profile, accel: str, kernel: Path, initrd: Path, cmdline: str,
-    sock_dir: str, name: str, extra_args: tuple[str, ...] = (),
+    sock_dir: str, name: str, extra_args: tuple[str, ...] = (), ssh_port: int | None = None,
 ) -> list[str]:
     """The exact QEMU argv. Pure: same inputs, same list.
 
@@ -200,5 +205,11 @@ def build_argv(
         argv += ["-device", f"pcie-root-port,id=hp{port},chassis={port + 1},slot={port + 1}"]
     for device in profile.devices:
         argv += ["-device", device]
+    if ssh_port is not None:
+        # SSH channel: user networking, the guest's port 22 on a loopback port of ours.
+        nic = "virtio-net-pci,netdev=hnet0,id=hnic0"
+        if profile.coco != "none" or "swiotlb=force" in cmdline.split():
+            nic += ",disable-legacy=on,iommu_platform=on"
+        argv += ["-netdev", f"user,id=hnet0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22", "-device", nic]
     argv += [*profile.args, *extra_args]
     return argv

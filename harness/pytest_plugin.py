@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from harness.errors import HarnessError, KernelFault, Terminated
-from harness.guest import GuestSession
+from harness.guest import GuestChannel
 from harness.machine import Machine
 from harness.plan import LaunchPlan
 from harness.qmp import QmpChannel
@@ -36,26 +36,44 @@ class RunInfo:
     """What the tests may ask about the run they are part of."""
 
     run_dir: Path
-    plan: LaunchPlan
+    plan: LaunchPlan | None   # None for a remote target
     worker: str
+    target: dict[str, Any] | None = None
 
     @property
-    def kernel_release(self) -> str:
-        return self.plan.kernel.release
+    def kernel_release(self) -> str | None:
+        """The release the kernel under test must report (None: unknown, remote target)."""
+        if self.plan is not None:
+            return self.plan.kernel.release
+        assert self.target is not None
+        return self.target.get("release")
 
     @property
     def profile(self) -> str:
-        return self.plan.profile.name
+        return self.plan.profile.name if self.plan is not None else "remote"
+
+    def require_plan(self, what: str) -> LaunchPlan:
+        """The launch plan, or a skip saying a remote target has none."""
+        if self.plan is None:
+            assert self.target is not None
+            pytest.skip(f"{what}: remote target {self.target['url']} has no launch plan to compare with")
+        return self.plan
 
     @property
     def requested_coco(self) -> str:
         """The memory encryption the requested profile asks for (none, sev, sev-es, snp, tdx)."""
+        if self.plan is None:
+            return str((self.target or {}).get("coco", "none"))
         return self.plan.requested_profile.coco
 
     @property
     def coco(self) -> str:
         """The memory encryption of the guest that actually runs."""
-        return self.plan.profile.coco
+        return self.plan.profile.coco if self.plan is not None else self.requested_coco
+
+    @property
+    def cmdline(self) -> str | None:
+        return self.plan.cmdline if self.plan is not None else None
 
     def require_coco(self, *kinds: str, what: str) -> None:
         """Skip, with the reason, a hardware assertion this run cannot make honestly.
@@ -64,9 +82,9 @@ class RunInfo:
         profile was asked for, what ran instead and why.
         """
         if self.requested_coco not in kinds:
-            pytest.skip(f"{what}: profile {self.plan.requested} is not {'/'.join(kinds)} "
-                        f"(coco: {self.requested_coco})")
-        if self.coco != self.requested_coco:
+            pytest.skip(f"{what}: profile {self.plan.requested if self.plan else 'remote'} is not "
+                        f"{'/'.join(kinds)} (coco: {self.requested_coco})")
+        if self.plan is not None and self.coco != self.requested_coco:
             pytest.skip(f"{what}: emulated run - profile {self.plan.requested} fell back to "
                         f"{self.plan.profile.name} ({'; '.join(self.plan.reasons)})")
 
@@ -99,6 +117,8 @@ def run_info(request: pytest.FixtureRequest) -> RunInfo:
     if not run_dir:
         pytest.fail("guest tests need a VM: run them with `harness run`", pytrace=False)
     path = Path(run_dir)
+    if (path / "target.json").exists():
+        return RunInfo(path, None, _worker(), json.loads((path / "target.json").read_text()))
     plan = LaunchPlan.from_json(json.loads((path / "plan.json").read_text()))
     return RunInfo(path, plan, _worker())
 
@@ -112,6 +132,8 @@ def _write_machine_info(info: RunInfo, data: dict[str, Any]) -> None:
 @pytest.fixture(scope="session")
 def machine(run_info: RunInfo) -> Iterator[Machine]:
     """The booted VM of this pytest process. Boot failures raise (and are cached)."""
+    if run_info.plan is None:
+        pytest.skip(f"remote target {run_info.target and run_info.target['url']}: no QEMU machine to drive")
     first = run_info.worker in ("main", "gw0")
     suffix = "" if first else f"-{run_info.worker}"
     sock_parent = os.environ.get("HARNESS_SOCK_DIR")
@@ -132,8 +154,8 @@ def machine(run_info: RunInfo) -> Iterator[Machine]:
                     exit_status=m.exit_status, lines=list(getattr(e, "lines", ())))
         _write_machine_info(run_info, info)
         raise
-    info.update(status="booted", boot_seconds=round(m.boot_seconds or 0, 3), release=m.guest.release
-                if m.guest else None)
+    info.update(status="booted", boot_seconds=round(m.boot_seconds or 0, 3), channel=run_info.plan.channel,
+                release=m.agent.release if m.agent else None)
     _write_machine_info(run_info, info)
     try:
         yield m
@@ -151,9 +173,27 @@ def machine(run_info: RunInfo) -> Iterator[Machine]:
 
 
 @pytest.fixture(scope="session")
-def guest(machine: Machine) -> GuestSession:
-    assert machine.guest is not None
-    return machine.guest
+def guest(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[GuestChannel]:
+    """The command channel to the system under test: our VM's, or a remote target's."""
+    if run_info.target is None:
+        machine: Machine = request.getfixturevalue("machine")
+        assert machine.guest is not None
+        yield machine.guest
+        return
+    from harness.ssh import SshSession, parse_target
+
+    t = run_info.target
+    session = SshSession(parse_target(t["url"]), Path(t["identity"]),
+                         known_hosts=Path(t["known_hosts"]) if t.get("known_hosts") else None,
+                         connect_timeout=float(t.get("connect_timeout", 30)))
+    try:
+        yield session
+    finally:
+        try:
+            (run_info.run_dir / "dmesg.txt").write_text(session.run("dmesg", timeout=20).stdout)
+        except HarnessError:
+            pass
+        session.close()
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +203,7 @@ def qmp(machine: Machine) -> QmpChannel:
 
 
 @pytest.fixture
-def dmesg_lines(guest: GuestSession) -> list[str]:
+def dmesg_lines(guest: GuestChannel) -> list[str]:
     """The guest's kernel log as it stands now."""
     return guest.check("dmesg", timeout=20).splitlines()
 

@@ -24,7 +24,7 @@ from typing import Any
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
-from harness.kernel import file_sha256, resolve_kernel
+from harness.kernel import DEFAULT_KERNEL, file_sha256, resolve_kernel
 from harness.machine import _die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
@@ -46,7 +46,7 @@ SOCK_PREFIX = "harness-"
 
 @dataclass
 class RunRequest:
-    kernel: str
+    kernel: str | None
     profile: str
     append: str = ""
     results: Path = Path("results")
@@ -61,6 +61,10 @@ class RunRequest:
     dry_run: bool = False
     json: bool = False
     reproduces: str | None = None
+    channel: str = "serial"
+    target: str | None = None
+    identity: Path | None = None
+    known_hosts: Path | None = None
 
 
 def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan, HostCaps]:
@@ -73,18 +77,18 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
         raise InfraError("QEMU not found: install qemu-system-x86 (or set HARNESS_QEMU)")
     choice = plan_profile(req.profile, req.params, caps, req.strict, req.force)
     profile = choice.effective
-    kernel = resolve_kernel(req.kernel)
+    kernel = resolve_kernel(req.kernel or DEFAULT_KERNEL)
     accel, why = choose_accel(profile, caps)
     # The initramfs carries the modules of both, so a forced or reproduced run
     # of the requested profile finds what it needs.
     modules = tuple(dict.fromkeys([*profile.modules, *choice.requested.modules]))
-    initrd = build_initramfs(kernel, modules)
+    initrd = build_initramfs(kernel, modules, ssh=req.channel == "ssh")
     plan = LaunchPlan(
         requested=req.profile, profile=profile, reasons=choice.reasons, requested_profile=choice.requested,
         accel=accel, accel_reason=why,
         qemu=str(caps.qemu.value), kernel=kernel, initrd=initrd.path, initrd_sha256=initrd.sha256,
-        cmdline=kernel_cmdline(profile, req.append), extra_args=tuple(req.qemu_args),
-        boot_timeout=req.boot_timeout, append=req.append, initrd_modules=initrd.modules,
+        cmdline=kernel_cmdline(profile, req.append, req.channel), extra_args=tuple(req.qemu_args),
+        boot_timeout=req.boot_timeout, append=req.append, initrd_modules=initrd.modules, channel=req.channel,
     )
     if initrd.missing_modules:
         names = profile.name if profile.name == req.profile else f"{req.profile}/{profile.name}"
@@ -163,6 +167,8 @@ def kill_machines(prefix: str) -> list[int]:
 
 def run(req: RunRequest, argv: list[str]) -> int:
     start = time.monotonic()
+    if req.target is not None:
+        return _run_remote(req, argv, start)
     plan, caps = make_plan(req)
     if req.dry_run:
         report = dry_run_report(plan)
@@ -187,9 +193,44 @@ def run(req: RunRequest, argv: list[str]) -> int:
     atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
     write_records(run_dir, [])
     print(f"run {run_id}: kernel {plan.kernel.release}, profile {plan.profile.name}, "
-          f"accel {plan.accel} ({plan.accel_reason})", flush=True)
+          f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
     if plan.fell_back:
         print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
+    return _execute(req, run_dir, meta, start)
+
+
+def _run_remote(req: RunRequest, argv: list[str], start: float) -> int:
+    """Run the guest tests on an existing machine over SSH: no QEMU, same tests."""
+    from harness.ssh import parse_target
+
+    target = parse_target(req.target or "")
+    if req.identity is None or not req.identity.is_file():
+        raise BadInput(f"--identity {req.identity}: a private key file is needed for {target.url}")
+    if req.known_hosts is not None and not req.known_hosts.is_file():
+        raise BadInput(f"--known-hosts {req.known_hosts}: no such file")
+    if not req.tests.is_dir():
+        raise BadInput(f"guest tests {req.tests}: no such directory")
+    release = resolve_kernel(req.kernel).release if req.kernel else None
+    run_id = new_run_id(release or "unknown", "remote")
+    run_dir = req.results.resolve() / run_id
+    run_dir.mkdir(parents=True)
+    info = {"url": target.url, "identity": str(req.identity.resolve()),
+            "known_hosts": str(req.known_hosts.resolve()) if req.known_hosts else None, "release": release}
+    atomic_write(run_dir / "target.json", json.dumps(info, indent=1) + "\n")
+    meta: dict[str, Any] = {
+        "run_id": run_id, "status": "incomplete", "harness_version": __version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": ["harness", *argv],
+        "target": target.url, "kernel": {"release": release, "spec": req.kernel},
+        "profile": {"requested": "remote", "effective": "remote", "reasons": [], "accel": None},
+        "invocation": {"target": target.url, "pytest_args": req.pytest_args, "tests": str(req.tests)},
+    }
+    write_meta(run_dir, meta)
+    write_records(run_dir, [])
+    print(f"run {run_id}: remote target {target.url}", flush=True)
+    return _execute(req, run_dir, meta, start)
+
+
+def _execute(req: RunRequest, run_dir: Path, meta: dict[str, Any], start: float) -> int:
     sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     (sock_parent / "owner.pid").write_text(str(os.getpid()))
     status, code, note = "error", EXIT_INFRA, ""
@@ -227,7 +268,7 @@ def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
             "kernel": req.kernel, "profile": req.profile, "append": req.append,
             "pytest_args": req.pytest_args, "qemu_args": req.qemu_args, "tests": str(req.tests),
             "timeout": req.timeout, "boot_timeout": req.boot_timeout, "params": req.params,
-            "strict": req.strict, "force": req.force,
+            "strict": req.strict, "force": req.force, "channel": req.channel,
         },
         "reproduces": req.reproduces,
         "host": caps.to_json(),
@@ -312,18 +353,22 @@ def _machines(run_dir: Path) -> list[dict[str, Any]]:
 def _finish_meta(meta: dict[str, Any], run_dir: Path, status: str, code: int, note: str,
                  records: list[TestRecord], machines: list[dict[str, Any]], tests: float,
                  total: float) -> None:
-    boots = [m["boot_seconds"] for m in machines if m.get("boot_seconds") is not None]
+    boots = [m["boot_seconds"] for m in sorted(machines, key=lambda m: m.get("worker", ""))
+             if m.get("boot_seconds") is not None]
     failures = [m for m in machines if m.get("status") == "boot-failed"]
     meta.update(
         status=status, exit_code=code, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         timings={"boot": boots[0] if boots else None, "tests": round(tests, 3), "total": round(total, 3)},
         machines=machines, tests=counts(records),
     )
+    first_bad = next((r for r in records if r.status in ("failed", "error")), None)
     if failures:
         meta["failure"] = {"message": failures[0].get("error"), "kind": failures[0].get("error_type"),
                            "lines": failures[0].get("lines", [])[-20:]}
     elif note:
         meta["failure"] = {"message": note}
+    elif first_bad is not None:
+        meta["failure"] = {"message": first_bad.message, "test": first_bad.nodeid, "kind": first_bad.status}
     write_meta(run_dir, meta)
 
 
@@ -332,6 +377,8 @@ def _print_summary(run_dir: Path, meta: dict[str, Any], records: list[TestRecord
     print()
     print(summary_table(records))
     prof = meta["profile"]
+    if meta.get("target"):
+        print(f"remote target {meta['target']}")
     print(f"kernel {meta['kernel']['release']}  profile {prof['requested']}"
           + (f" -> {prof['effective']} (fallback)" if prof["effective"] != prof["requested"] else "")
           + f"  accel {prof['accel']}")
