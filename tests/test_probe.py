@@ -50,7 +50,7 @@ def test_snp_host_tree(tmp_path: Path) -> None:
     assert not caps.tdx.value
     assert caps.iommu.value and "1 IOMMU groups" in caps.iommu.evidence
     assert caps.vfio_pci.value
-    assert caps.sev_snp.evidence == "/sys/module/kvm_amd/parameters/sev_snp = Y"
+    assert caps.sev_snp.evidence.startswith("/sys/module/kvm_amd/parameters/sev_snp = Y")
 
 
 def test_sev_parameter_without_device_is_not_sev(tmp_path: Path) -> None:
