@@ -35,6 +35,13 @@ _PR_SET_PDEATHSIG = 1
 _TAIL = 40
 
 
+def scratch_bytes(size: str) -> int:
+    """`64M`, `1G` or a number of MiB, in bytes."""
+    text = size.strip().upper().removesuffix("B")
+    scale = {"M": 1 << 20, "G": 1 << 30}.get(text[-1:])
+    return int(text[:-1]) * scale if scale else int(text) << 20
+
+
 def _die_with_parent() -> None:
     # QEMU must not outlive the process that owns it, even when that process
     # is SIGKILLed and no finally block runs.
@@ -119,6 +126,10 @@ class Machine:
         self.qmp = QmpChannel(self.name)
         self.qmp.start_server(str(self.sock_dir / "qmp.sock"))
         plan = self.plan
+        for disk in plan.profile.scratch_disks:
+            node, _, size = disk.partition(":")
+            with open(self.sock_dir / f"{node}.img", "wb") as f:
+                f.truncate(scratch_bytes(size))
         if plan.channel == "ssh":
             # Per-run keys ride in a cpio appended to the cached image, in the
             # private directory: the kernel unpacks concatenated archives in order.

@@ -201,6 +201,10 @@ def build_argv(
         "-chardev", f"socket,id=qmp,path={sock_dir}/qmp.sock",
         "-mon", "chardev=qmp,mode=control",
     ]
+    for disk in profile.scratch_disks:
+        # Sparse files in the VM's private directory, gone with it.
+        node = disk.split(":", 1)[0]
+        argv += ["-blockdev", f"driver=file,node-name={node},filename={sock_dir}/{node}.img,cache.direct=off"]
     for port in range(profile.hotplug_ports):
         argv += ["-device", f"pcie-root-port,id=hp{port},chassis={port + 1},slot={port + 1}"]
     for device in profile.devices:

@@ -16,7 +16,7 @@ import yaml
 from harness.errors import BadInput
 from harness.paths import PROFILES_DIR
 
-_LIST_KEYS = ("cmdline", "devices", "args", "modules", "needs", "hotplug")
+_LIST_KEYS = ("cmdline", "devices", "args", "modules", "needs", "hotplug", "scratch_disks")
 COCO_KINDS = ("none", "sev", "sev-es", "snp", "tdx")
 # What a profile may say it needs; HostCaps.check() decides each one.
 NEEDS = ("kvm", "sev", "sev_es", "sev_snp", "tdx", "iommu", "vfio_pci", "firmware", "qemu:sev-guest",
@@ -52,6 +52,7 @@ class Profile:
     coco: str = "none"
     firmware: str | None = None
     hotplug: tuple[str, ...] = ()
+    scratch_disks: tuple[str, ...] = ()
     params: tuple[tuple[str, str], ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: tuple[str, ...] = ()
@@ -185,6 +186,11 @@ def load_profile(name: str, directory: Path = PROFILES_DIR) -> Profile:
     kwargs["timeouts"] = Timeouts(**{k: float(v) for k, v in times.items()})
     if kwargs.get("accel", "auto") not in ("auto", "kvm", "tcg"):
         raise BadInput(f"{where}: key 'accel' must be auto, kvm or tcg")
+    for disk in kwargs.get("scratch_disks", ()):
+        node, _, size = disk.partition(":")
+        if not node.isidentifier() or not size:
+            raise BadInput(f"{where}: key 'scratch_disks': {disk!r} is not <node-name>:<size>")
+        _memory_mib(size, f"{where}: key 'scratch_disks'")
     if kwargs.get("coco", "none") not in COCO_KINDS:
         raise BadInput(f"{where}: key 'coco' must be one of {', '.join(COCO_KINDS)}")
     for need in kwargs.get("needs", ()):

@@ -24,6 +24,7 @@ from typing import Any
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
+from harness.tools import build_tools
 from harness.kernel import DEFAULT_KERNEL, file_sha256, resolve_kernel
 from harness.machine import _die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write
@@ -82,7 +83,7 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
     # The initramfs carries the modules of both, so a forced or reproduced run
     # of the requested profile finds what it needs.
     modules = tuple(dict.fromkeys([*profile.modules, *choice.requested.modules]))
-    initrd = build_initramfs(kernel, modules, ssh=req.channel == "ssh")
+    initrd = build_initramfs(kernel, modules, extra_files=build_tools(), ssh=req.channel == "ssh")
     plan = LaunchPlan(
         requested=req.profile, profile=profile, reasons=choice.reasons, requested_profile=choice.requested,
         accel=accel, accel_reason=why,

@@ -1,0 +1,45 @@
+"""Guest tools (guest_tests/tools/*.c): compiled static on the host, cached, shipped in the initramfs."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+from harness.errors import InfraError
+from harness.paths import GUEST_TESTS_DIR, cache_dir
+
+TOOLS_DIR = GUEST_TESTS_DIR / "tools"
+
+
+def _compiler() -> tuple[str, str]:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise InfraError("no C compiler for the guest tools: install gcc and libc6-dev")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    return cc, version.splitlines()[0] if version else "unknown"
+
+
+def build_tools(sources: Path = TOOLS_DIR) -> tuple[tuple[str, Path], ...]:
+    """Each tools/<name>.c as a static binary: ((guest path, host path), ...). Raises InfraError."""
+    files = sorted(sources.glob("*.c"))
+    if not files:
+        return ()
+    cc, version = _compiler()
+    out = []
+    for src in files:
+        key = hashlib.sha256(version.encode() + src.read_bytes()).hexdigest()[:20]
+        binary = cache_dir() / "tools" / key / src.stem
+        if not binary.exists():
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            tmp = binary.with_suffix(".tmp")
+            proc = subprocess.run([cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(src), "-lpthread"],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                detail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+                hint = " (static libc: install libc6-dev)" if "cannot find -lc" in proc.stderr else ""
+                raise InfraError(f"guest tool {src.name} does not compile{hint}: {detail}")
+            tmp.replace(binary)
+        out.append((f"/usr/bin/{src.stem}", binary))
+    return tuple(out)
