@@ -92,6 +92,7 @@ class RunInfo:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness")
     group.addoption("--harness-run-dir", default=None, help="run directory holding plan.json")
+    group.addoption("--hotplug-cycles", type=int, default=3, help="plug/unplug cycles per hotplug test")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -200,6 +201,11 @@ def guest(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[GuestCh
 def qmp(machine: Machine) -> QmpChannel:
     assert machine.qmp is not None
     return machine.qmp
+
+
+@pytest.fixture(scope="session")
+def hotplug_cycles(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("hotplug_cycles"))
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@
  * Prints one "CORRUPT offset=0x... expected=0x... got=0x..." line per bad
  * 8-byte word (the first 16), and a summary line:
  *   dmastress: dev=... threads=T ops=N bytes=B corrupt=C errors=E seconds=S MBps=M
+ * A thread stops after 8 I/O errors in a row (its device is gone).
  * Exit status: 0 clean, 1 corruption or I/O errors, 2 usage/open failure.
  */
 #define _GNU_SOURCE
@@ -84,7 +85,8 @@ static void *worker(void *arg)
 		exit(2);
 	}
 	uint64_t base = (uint64_t)id * region, pos = 0;
-	for (int op = 0; op < ops; op++) {
+	int failed_in_a_row = 0;
+	for (int op = 0; op < ops && failed_in_a_row < 8; op++) {
 		size_t len = sizes[(op + id) % nsizes];
 		if (pos + len > region)
 			pos = 0;
@@ -98,6 +100,7 @@ static void *worker(void *arg)
 				fprintf(stderr, "dmastress: write %zu at 0x%llx: %s\n", len, (unsigned long long)off,
 					strerror(errno));
 				__atomic_add_fetch(&io_errors, 1, __ATOMIC_SEQ_CST);
+				failed_in_a_row++;
 				pos += len;
 				continue;
 			}
@@ -108,7 +111,9 @@ static void *worker(void *arg)
 				fprintf(stderr, "dmastress: read %zu at 0x%llx: %s\n", len, (unsigned long long)off,
 					strerror(errno));
 				__atomic_add_fetch(&io_errors, 1, __ATOMIC_SEQ_CST);
+				failed_in_a_row++;
 			} else {
+				failed_in_a_row = 0;
 				check(rbuf, len, off);
 			}
 		}

@@ -1,0 +1,115 @@
+"""PCI hotplug sequences driven through QMP: edu, NVMe, virtio-blk; unplug under
+DMA; guest-initiated remove and rescan; the TIO workflow of seed 001.
+
+Whether QEMU uses ACPI or native PCIe hotplug is the profile's choice
+(emulated: ACPI; emulated-pciehp: native, with its 5 s attention-button delay).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from harness.guest import GuestChannel
+from harness.hotplug import device_args, plug, unplug
+from harness.machine import Machine
+from harness.pytest_plugin import RunInfo
+from harness.qmp import QmpChannel
+from harness.sysfs import block_devices_of, find_pci, path_exists, wait_until
+
+EDU = ("0x1234", "0x11e8")
+NVME = ("0x1b36", "0x0010")
+# Behind a PCIe root port virtio-pci is modern-only (disable-legacy=auto): 1af4:1042.
+VIRTIO_BLK = ("0x1af4", "0x1042")
+
+
+def _add_disk(machine: Machine, qmp: QmpChannel, node: str, size: int = 32 << 20) -> None:
+    assert machine.sock_dir is not None
+    image = machine.sock_dir / f"{node}.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    qmp.execute("blockdev-add", {"driver": "file", "node-name": node, "filename": str(image)})
+
+
+def _wait_disk(guest: GuestChannel, bdf: str) -> str:
+    names: list[str] = []
+
+    def ready() -> bool:
+        names[:] = block_devices_of(guest, bdf)
+        return bool(names) and guest.run(f"test -b /dev/{names[0]}").ok
+
+    assert wait_until(ready, 30), f"no block device appeared for {bdf}"
+    return f"/dev/{names[0]}"
+
+
+def test_edu_hotplug_cycles(guest: GuestChannel, qmp: QmpChannel, hotplug_cycles: int) -> None:
+    for cycle in range(hotplug_cycles):
+        plugged = plug(qmp, guest, f"edu,id=hpedu{cycle},bus=hp1", *EDU)
+        guest.check(f"echo 1 > {plugged.device.path}/enable")
+        assert guest.check(f"pcimem {plugged.device.resource(0)} 0").strip() == "0x0000: 0x010000ED", cycle
+        unplug(qmp, guest, plugged)
+
+
+@pytest.mark.parametrize("kind", ["nvme", "virtio-blk"])
+def test_disk_hotplug_with_dma(machine: Machine, guest: GuestChannel, qmp: QmpChannel, kind: str) -> None:
+    virtio_opts = machine.plan.profile.param("virtio_opts") or ""
+    for cycle in range(2):
+        node = f"hp{kind.replace('-', '')}{cycle}"
+        _add_disk(machine, qmp, node)
+        if kind == "nvme":
+            plugged = plug(qmp, guest, f"nvme,id=dev{node},serial={node},drive={node},bus=hp2", *NVME,
+                           driver="nvme")
+        else:
+            plugged = plug(qmp, guest, f"virtio-blk-pci,id=dev{node},drive={node},bus=hp3{virtio_opts}",
+                           *VIRTIO_BLK, driver="virtio-pci")
+        dev = _wait_disk(guest, plugged.device.bdf)
+        result = guest.run(f"dmastress -d {dev} -t 2 -n 16 -r 2097152", timeout=120)
+        assert result.exit_code == 0, result.stdout[-400:] + result.stderr[-400:]
+        unplug(qmp, guest, plugged)
+        qmp.execute("blockdev-del", {"node-name": node})
+
+
+def test_unplug_during_dma(machine: Machine, guest: GuestChannel, qmp: QmpChannel) -> None:
+    _add_disk(machine, qmp, "hpbusy")
+    plugged = plug(qmp, guest, "nvme,id=devbusy,serial=busy,drive=hpbusy,bus=hp2", *NVME, driver="nvme")
+    dev = _wait_disk(guest, plugged.device.bdf)
+    guest.check(f"(dmastress -d {dev} -t 4 -n 100000 -r 4194304 > /tmp/busy.log 2>&1; echo $? > /tmp/busy.rc) &")
+    assert wait_until(lambda: "dmastress" in guest.check("ps"), 10), "dmastress did not start"
+    time.sleep(0.5)
+    unplug(qmp, guest, plugged, timeout=60)
+    # The workload must end (with I/O errors: its disk is gone) and the guest must stay healthy.
+    assert wait_until(lambda: guest.run("test -s /tmp/busy.rc").ok, 60), "dmastress hung after the unplug"
+    assert guest.check("echo alive").strip() == "alive"
+    qmp.execute("blockdev-del", {"node-name": "hpbusy"})
+
+
+def test_remove_and_rescan(guest: GuestChannel) -> None:
+    found = find_pci(guest, *EDU)
+    if not found:
+        pytest.skip("no cold-plugged edu device to remove and rescan")
+    dev = found[0]
+    guest.check(f"echo 1 > {dev.path}/remove")
+    assert wait_until(lambda: not path_exists(guest, dev.path), 10), "removed function still in sysfs"
+    guest.check("echo 1 > /sys/bus/pci/rescan")
+    assert wait_until(lambda: path_exists(guest, dev.path), 10), "rescan did not find the function again"
+    again = [d for d in find_pci(guest, *EDU) if d.bdf == dev.bdf]
+    assert again and (again[0].vendor, again[0].device) == EDU
+
+
+def test_tio_workflow(machine: Machine, guest: GuestChannel, qmp: QmpChannel, run_info: RunInfo) -> None:
+    """Seed 001: boot without the device, hot-plug it, enable it, poke its BAR."""
+    specs = machine.plan.profile.hotplug
+    if not specs:
+        pytest.skip(f"profile {run_info.profile} hot-plugs no device after boot (tio and tio-emulated do)")
+    args = device_args(specs[0])
+    if args["driver"] == "edu":
+        ids, expect = EDU, "0x0000: 0x010000ED"
+    else:
+        pytest.skip(f"TIO device {args['driver']}: its register map is the lab's; run with a device test")
+    plugged = plug(qmp, guest, specs[0], *ids)
+    guest.check(f"echo 1 > {plugged.device.path}/enable")
+    enc = plugged.device.resource(0, enc=True)
+    target = enc if path_exists(guest, enc) else plugged.device.resource(0)
+    assert guest.check(f"pcimem {target} 0 w*4").splitlines()[0] == expect
+    unplug(qmp, guest, plugged)
