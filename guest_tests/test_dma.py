@@ -12,8 +12,8 @@ import re
 import pytest
 
 from harness.guest import GuestChannel
-from harness.pytest_plugin import RunInfo
 from harness.machine import Machine
+from harness.pytest_plugin import RunInfo
 from harness.sysfs import block_devices_of, find_pci, swiotlb_stats
 
 # virtio-blk is 1af4:1042 modern-only (disable-legacy=on), 1af4:1001 transitional.

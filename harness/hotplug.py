@@ -73,7 +73,8 @@ def plug(qmp: QmpChannel, guest: GuestChannel, spec: str, vendor: str, device: s
 
     if not wait_until(appeared, timeout, 0.25):
         want = f"{vendor}:{device}" + (f" bound to {driver}" if driver else "")
-        raise HotplugFailure(f"hot-plugged {args['driver']} ({want}) did not show up in the guest within {timeout:.0f} s")
+        raise HotplugFailure(
+            f"hot-plugged {args['driver']} ({want}) did not show up in the guest within {timeout:.0f} s")
     return Plugged(str(args["id"]), found[0])
 
 
@@ -88,8 +89,10 @@ def unplug(qmp: QmpChannel, guest: GuestChannel, plugged: Plugged, timeout: floa
                            match=lambda ev: ev.get("data", {}).get("device") == plugged.id)
     refused = [ev for ev in qmp.events()[since:] if ev.get("event") == "DEVICE_UNPLUG_GUEST_ERROR"]
     if refused:
-        raise HotplugFailure(f"guest refused to unplug {plugged.id}: DEVICE_UNPLUG_GUEST_ERROR {refused[0].get('data')}")
+        raise HotplugFailure(
+            f"guest refused to unplug {plugged.id}: DEVICE_UNPLUG_GUEST_ERROR {refused[0].get('data')}")
     if event is None:
-        raise HotplugFailure(f"no DEVICE_DELETED for {plugged.id} within {timeout:.0f} s (the guest did not release it)")
+        raise HotplugFailure(
+            f"no DEVICE_DELETED for {plugged.id} within {timeout:.0f} s (the guest did not release it)")
     if not wait_until(lambda: not path_exists(guest, plugged.device.path), timeout):
         raise HotplugFailure(f"guest still shows {plugged.device.bdf} after DEVICE_DELETED")

@@ -24,7 +24,6 @@ from typing import Any
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
-from harness.tools import build_tools
 from harness.kernel import DEFAULT_KERNEL, file_sha256, resolve_kernel
 from harness.machine import _die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write
@@ -41,6 +40,7 @@ from harness.results import (
     write_meta,
     write_records,
 )
+from harness.tools import build_tools
 
 SOCK_PREFIX = "harness-"
 
