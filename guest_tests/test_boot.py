@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from harness.dmesg import scan
+from harness.dmesg import Allow, describe, errors, scan
 from harness.guest import GuestChannel
 from harness.pytest_plugin import RunInfo
 
@@ -29,9 +29,10 @@ def test_kernel_cmdline_is_the_planned_one(guest: GuestChannel, run_info: RunInf
     assert guest.read_text("/proc/cmdline").strip() == plan.cmdline
 
 
-def test_dmesg_has_no_crash_or_warning(dmesg_lines: list[str]) -> None:
-    hits = scan(dmesg_lines)
-    assert not hits, "dmesg: " + " | ".join(f"{h.rule}: {h.line}" for h in hits[:5])
+def test_boot_log_is_clean(dmesg_lines: list[str], dmesg_allowlist: tuple[Allow, ...]) -> None:
+    """The whole boot, judged by the rule engine (allowlist applied)."""
+    bad = errors(scan(dmesg_lines, allow=dmesg_allowlist))
+    assert not bad, f"boot dmesg: {describe(bad)}"
 
 
 def test_proc_is_sane(guest: GuestChannel, run_info: RunInfo) -> None:

@@ -70,6 +70,7 @@ def test_disk_hotplug_with_dma(machine: Machine, guest: GuestChannel, qmp: QmpCh
         qmp.execute("blockdev-del", {"node-name": node})
 
 
+@pytest.mark.dmesg_allow("io-error", "nvme", reason="its disk is unplugged under it: I/O errors are the point")
 def test_unplug_during_dma(machine: Machine, guest: GuestChannel, qmp: QmpChannel) -> None:
     _add_disk(machine, qmp, "hpbusy")
     plugged = plug(qmp, guest, "nvme,id=devbusy,serial=busy,drive=hpbusy,bus=hp2", *NVME, driver="nvme")

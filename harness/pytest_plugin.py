@@ -6,13 +6,19 @@ or each pytest-xdist worker) boots its own VM from the plan, once per session.
 The process that sees every report (main or xdist controller) writes
 `tests.json`, `junit.xml` and `tests/<name>/` after each test.
 
-Fixtures: `machine`, `guest`, `qmp`, `run_info`, `dmesg_lines`.
+Fixtures: `machine`, `guest`, `qmp`, `run_info`, `dmesg_lines`, `dmesg_allowlist`.
+
+Every guest test gets a dmesg window: the kernel lines that appeared while it
+ran are saved to `tests/<name>/dmesg.txt` and judged by the rule engine; an
+error-severity hit fails the test as a kernel failure. `@pytest.mark.dmesg_allow(
+rule, pattern, reason=...)` lets a test provoke a message it expects.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Generator, Iterator
@@ -23,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from harness.dmesg import Allow, describe, errors, load_allowlist, scan
 from harness.errors import HarnessError, KernelFault, Terminated
 from harness.guest import GuestChannel
 from harness.machine import Machine
@@ -100,6 +107,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "dmesg_allow(rule, pattern='.', reason=''): expected dmesg lines")
     if not config.getoption("harness_run_dir"):
         return
     # SIGTERM becomes an exception, so fixture teardown stops the VM.
@@ -204,6 +212,44 @@ def qmp(machine: Machine) -> QmpChannel:
 
 
 @pytest.fixture(scope="session")
+def dmesg_allowlist(request: pytest.FixtureRequest) -> tuple[Allow, ...]:
+    """Known noise from `<guest tests>/dmesg-allowlist.yaml`."""
+    return load_allowlist(Path(str(request.config.rootpath)) / "dmesg-allowlist.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _dmesg_window(request: pytest.FixtureRequest, run_info: RunInfo,
+                  dmesg_allowlist: tuple[Allow, ...]) -> Iterator[None]:
+    guest: GuestChannel = request.getfixturevalue("guest")
+    qmp = request.getfixturevalue("qmp") if run_info.plan is not None else None
+    start = int(guest.check("dmesg | wc -l", timeout=20).strip() or 0)
+    events_start = len(qmp.events()) if qmp is not None else 0
+    yield
+    if guest.closed:
+        return
+    lines = guest.check(f"dmesg | tail -n +{start + 1}", timeout=20).splitlines()
+    allow = dmesg_allowlist + tuple(
+        Allow(re.compile(m.kwargs.get("pattern", m.args[1] if len(m.args) > 1 else ".")),
+              m.args[0] if m.args else None, m.kwargs.get("reason", ""))
+        for m in request.node.iter_markers("dmesg_allow"))
+    hits = scan(lines, allow=allow)
+    if lines:
+        folder = run_info.run_dir / "tests" / TestRecord(request.node.nodeid).dirname
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "dmesg.txt").write_text("\n".join(lines) + "\n")
+    if hits:
+        request.node.user_properties.append(("dmesg_error_ids", sorted({h.error_id for h in hits})))
+    bad = errors(hits)
+    panicked = [ev for ev in (qmp.events()[events_start:] if qmp is not None else [])
+                if ev.get("event") == "GUEST_PANICKED"]
+    if panicked:
+        raise KernelFault(f"QMP GUEST_PANICKED during the test: {panicked[0].get('data')}")
+    if bad:
+        raise KernelFault(f"kernel log during the test: {describe(bad)}",
+                          tuple(h.line for h in bad))
+
+
+@pytest.fixture(scope="session")
 def hotplug_cycles(request: pytest.FixtureRequest) -> int:
     return int(request.config.getoption("hotplug_cycles"))
 
@@ -277,7 +323,10 @@ class Recorder:
             self._order.append(report.nodeid)
         rec.worker = _worker_of(report)
         rec.seconds += report.duration
-        kind = str(dict(report.user_properties).get("harness_kind", "")) or None
+        props = dict(report.user_properties)
+        kind = str(props.pop("harness_kind", "")) or None
+        for key, value in props.items():
+            rec.properties[key] = value
         status = classify(report.when, report.outcome, kind)
         # The first non-pass outcome decides (a teardown error does not hide a failure).
         if status != "passed" and rec.status == "passed":

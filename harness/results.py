@@ -12,7 +12,7 @@ import json
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class TestRecord:
     details: str = ""
     seconds: float = 0.0
     worker: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
