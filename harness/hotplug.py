@@ -20,31 +20,39 @@ from harness.guest import GuestChannel
 from harness.qmp import QmpChannel
 from harness.sysfs import PciDevice, path_exists, pci_devices, wait_until
 
-# Properties whose values stay strings even when they look like numbers.
-_STRING_PROPS = {"id", "bus", "driver", "serial", "drive", "host", "netdev", "memdev", "addr", "chardev"}
+_INT_TYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "size"}
 
 
 class HotplugFailure(KernelFault):
     """The guest did not show, or did not release, a hot-plugged device in time."""
 
 
-def device_args(spec: str) -> dict[str, Any]:
-    """`edu,id=x,bus=hp0,x-tio=on` (the -device syntax) -> QMP device_add arguments."""
+def device_args(spec: str, types: dict[str, str] | None = None) -> dict[str, Any]:
+    """`edu,id=x,bus=hp0,x-tio=on` (the -device syntax) -> QMP device_add arguments.
+
+    QMP is strictly typed (a bool property wants true, an OnOffAuto one "on"):
+    `types` maps property names to QOM types, as device-list-properties reports.
+    """
     driver, *props = spec.split(",")
     args: dict[str, Any] = {"driver": driver}
     for prop in props:
         key, _, value = prop.partition("=")
-        if key in _STRING_PROPS:
-            args[key] = value
-        elif value in ("on", "true"):
-            args[key] = True
-        elif value in ("off", "false"):
-            args[key] = False
-        elif value.isdigit():
-            args[key] = int(value)
+        kind = (types or {}).get(key, "str")
+        if kind == "bool":
+            args[key] = value in ("on", "true", "yes", "")
+        elif kind in _INT_TYPES and value.lstrip("-").isdigit():
+            args[key] = int(value, 0)
         else:
             args[key] = value
     return args
+
+
+def property_types(qmp: QmpChannel, driver: str) -> dict[str, str]:
+    try:
+        props = qmp.execute("device-list-properties", {"typename": driver})
+    except ExecuteError as e:
+        raise InfraError(f"QEMU does not know device {driver!r}: {e}") from None
+    return {p["name"]: p["type"] for p in props}
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Plugged:
 def plug(qmp: QmpChannel, guest: GuestChannel, spec: str, vendor: str, device: str,
          driver: str | None = None, timeout: float = 30.0) -> Plugged:
     """device_add `spec`; wait for a new vendor:device function (and its driver) in the guest."""
-    args = device_args(spec)
+    args = device_args(spec, property_types(qmp, spec.split(",", 1)[0]))
     if "id" not in args:
         raise InfraError(f"hotplug {spec!r}: needs an id= to be unplugged again")
     before = {d.bdf for d in pci_devices(guest)}

@@ -7,6 +7,7 @@ no guest instruction runs, and QEMU's verdict is classified:
   needs-hardware  QEMU parsed everything and stopped at missing KVM/SEV/TDX
   unknown-object  this QEMU was built without the object or device
   rejected        QEMU refused the command line itself: a bug in the profile
+  hang            QEMU neither started nor failed within the deadline
 """
 
 from __future__ import annotations
@@ -82,5 +83,7 @@ def check_profile_argv(profile: Profile, caps: HostCaps, workdir: Path | None = 
             with Machine(plan, workdir or base / "logs", name="harness-check", sock_parent=base / "s"):
                 return ArgvVerdict(profile.name, "accepted", "QEMU built the machine")
         except QemuStartError as e:
+            if not e.output.strip() and "did not connect" in str(e):
+                return ArgvVerdict(profile.name, "hang", str(e))
             verdict, message = classify_qemu_error(e.output)
-            return ArgvVerdict(profile.name, verdict, message)
+            return ArgvVerdict(profile.name, verdict, message or str(e))

@@ -11,7 +11,6 @@ from junitparser import JUnitXml
 
 from harness.console import BootScanner, split_lines
 from harness.cpio import CpioWriter
-from harness.dmesg import scan
 from harness.errors import BadInput
 from harness.initramfs import resolve_modules
 from harness.kernel import bzimage_release
@@ -100,16 +99,6 @@ def test_split_lines_keeps_the_unfinished_rest() -> None:
     assert (lines, rest) == (["one", "two"], b"partial")
 
 
-@pytest.mark.parametrize(("log", "rules"), [
-    ("panic-no-init.log", {"panic", "call-trace"}),
-    ("oops-null-deref.log", {"bug", "oops"}),
-    ("warning-splat.log", {"warning", "call-trace"}),
-    ("clean-boot.log", set()),
-])
-def test_dmesg_rules(log: str, rules: set[str]) -> None:
-    assert {h.rule for h in scan(console(log))} == rules
-
-
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio.ko:
 kernel/drivers/virtio/virtio_ring.ko:
@@ -157,3 +146,12 @@ def test_junit_keeps_failures_errors_and_skips_apart(tmp_path: Path) -> None:
     assert exit_code_for(records) == 1
     assert exit_code_for(records[2:]) == 3
     assert exit_code_for([records[0], records[3]]) == 0
+
+
+def test_device_args_follow_qemu_property_types() -> None:
+    from harness.hotplug import device_args
+
+    types = {"disable-legacy": "OnOffAuto", "iommu_platform": "bool", "num-queues": "uint16", "serial": "str"}
+    args = device_args("virtio-blk-pci,id=d0,serial=0123,disable-legacy=on,iommu_platform=on,num-queues=2", types)
+    assert args == {"driver": "virtio-blk-pci", "id": "d0", "serial": "0123", "disable-legacy": "on",
+                    "iommu_platform": True, "num-queues": 2}

@@ -1,0 +1,70 @@
+"""Wall time of the emulated guest suite, per workload, serial and with -n 2.
+
+Baseline in the same process: raw QEMU booting the same kernel and initramfs
+straight to poweroff (bench/boot_overhead's raw run). Prints seconds and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from boot_overhead import raw_initrd
+
+from harness.runner import RunRequest, make_plan
+
+
+def run_suite(results: Path, workers: int, profile: str) -> tuple[float, dict[str, float], dict[str, int]]:
+    args = [sys.executable, "-m", "harness", "run", "--profile", profile, "--results", str(results)]
+    if workers > 1:
+        args += ["-n", str(workers)]
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    wall = time.monotonic() - start
+    run_dir = max(results.iterdir(), key=lambda p: p.stat().st_mtime)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:])
+        raise SystemExit(f"suite failed (exit {proc.returncode}): {run_dir}")
+    per: dict[str, float] = defaultdict(float)
+    for rec in json.loads((run_dir / "tests.json").read_text()):
+        per[rec["nodeid"].split("::")[0].removeprefix("test_").removesuffix(".py")] += rec["seconds"]
+    return wall, dict(per), meta["tests"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", default="emulated")
+    args = ap.parse_args()
+    plan, _ = make_plan(RunRequest(kernel=None, profile=args.profile))
+    with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
+        work = Path(tmp)
+        initrd = work / "raw.cpio"
+        raw_initrd(plan.initrd, initrd)
+        start = time.monotonic()
+        subprocess.run([plan.qemu, "-machine", f"q35,accel={plan.accel}", "-cpu", plan.profile.cpu_tcg,
+                        "-m", f"{plan.profile.memory_mib}M", "-nodefaults", "-display", "none", "-no-reboot",
+                        "-kernel", str(plan.kernel.image), "-initrd", str(initrd),
+                        "-append", plan.cmdline + " rdinit=/bench-poweroff", "-serial", "null"],
+                       check=True, timeout=120)
+        raw = time.monotonic() - start
+        serial, per, counts = run_suite(work / "serial", 1, args.profile)
+        parallel, _, _ = run_suite(work / "parallel", 2, args.profile)
+    print(f"kernel {plan.kernel.release}, profile {args.profile}, accel {plan.accel}; tests {counts}")
+    print(f"raw QEMU boot->poweroff (baseline):  {raw:6.2f}s")
+    print(f"whole suite, 1 VM:                   {serial:6.2f}s  ({serial / raw:.1f}x the raw boot)")
+    print(f"whole suite, -n 2 (2 VMs):           {parallel:6.2f}s  (speed-up {serial / parallel:.2f}x)")
+    for name, seconds in sorted(per.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:10} {seconds:6.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
