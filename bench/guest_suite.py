@@ -18,11 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from boot_overhead import raw_initrd
 
+from harness.kernel import DEFAULT_KERNEL
 from harness.runner import RunRequest, make_plan
 
 
-def run_suite(results: Path, workers: int, profile: str) -> tuple[float, dict[str, float], dict[str, int]]:
-    args = [sys.executable, "-m", "harness", "run", "--profile", profile, "--results", str(results)]
+def run_suite(results: Path, workers: int, profile: str, kernel: str) -> tuple[float, dict[str, float], dict[str, int]]:
+    args = [sys.executable, "-m", "harness", "run", "--profile", profile, "--kernel", kernel,
+            "--results", str(results)]
     if workers > 1:
         args += ["-n", str(workers)]
     start = time.monotonic()
@@ -42,8 +44,9 @@ def run_suite(results: Path, workers: int, profile: str) -> tuple[float, dict[st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="emulated")
+    ap.add_argument("--kernel", default=DEFAULT_KERNEL)
     args = ap.parse_args()
-    plan, _ = make_plan(RunRequest(kernel=None, profile=args.profile))
+    plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile))
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
         work = Path(tmp)
         initrd = work / "raw.cpio"
@@ -55,8 +58,8 @@ def main() -> int:
                         "-append", plan.cmdline + " rdinit=/bench-poweroff", "-serial", "null"],
                        check=True, timeout=120)
         raw = time.monotonic() - start
-        serial, per, counts = run_suite(work / "serial", 1, args.profile)
-        parallel, _, _ = run_suite(work / "parallel", 2, args.profile)
+        serial, per, counts = run_suite(work / "serial", 1, args.profile, str(plan.kernel.image))
+        parallel, _, _ = run_suite(work / "parallel", 2, args.profile, str(plan.kernel.image))
     print(f"kernel {plan.kernel.release}, profile {args.profile}, accel {plan.accel}; tests {counts}")
     print(f"raw QEMU boot->poweroff (baseline):  {raw:6.2f}s")
     print(f"whole suite, 1 VM:                   {serial:6.2f}s  ({serial / raw:.1f}x the raw boot)")

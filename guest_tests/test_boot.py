@@ -67,6 +67,8 @@ def test_sys_is_sane(guest: GuestChannel, run_info: RunInfo) -> None:
 def test_initramfs_modules_are_loaded(guest: GuestChannel, run_info: RunInfo) -> None:
     plan = run_info.require_plan("initramfs modules")
     names = [path.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_") for path in plan.initrd_modules]
+    if not names:
+        pytest.skip(f"the initramfs loads no modules for kernel {plan.kernel.release} (built in or absent)")
     loaded = {line.split()[0] for line in guest.read_text("/proc/modules").splitlines()}
     missing = [n for n in names if n not in loaded]
     assert not missing, f"modules the initramfs loads are not loaded: {missing}"

@@ -15,7 +15,6 @@ from typing import Any
 
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, BadInput, HarnessError, Terminated
-from harness.kernel import DEFAULT_KERNEL
 from harness.paths import GUEST_TESTS_DIR
 from harness.probe import HostCaps
 from harness.profiles import available
@@ -30,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default=None,
-                   help=f"bzImage path, kernel build dir, or debian:<linux-image package> (default {DEFAULT_KERNEL})")
+                   help="bzImage, build artifact dir, build spec YAML, or debian:<linux-image package> "
+                        "(default: $HARNESS_KERNEL, else kernels/coco-sample.yaml)")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"QEMU profile from qemu_cmdlines/ (default {DEFAULT_PROFILE}; available: "
                         f"{', '.join(available())})")
@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--known-hosts", type=Path, default=None,
                    help="known_hosts file pinning --target's host key (default: ~/.ssh/known_hosts)")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+
+    p = sub.add_parser("build", help="build a kernel: source + patch series + config fragments, cached")
+    p.add_argument("specs", nargs="*", type=Path, metavar="SPEC.yaml",
+                   help="build spec files {source, series, configs}")
+    p.add_argument("--source", help="kernel tarball, git work tree[@ref] or unpacked tree")
+    p.add_argument("--series", help="mbox, directory of *.patch (quilt series file honoured), or a message-id (b4)")
+    p.add_argument("--config", action="append", default=[], metavar="FRAGMENT",
+                   help="config fragment from kconfigs/ by name, or a path; repeatable, merged in order")
+    p.add_argument("--per-patch", action="store_true", help="build after each patch; report build/warnings per patch")
+    p.add_argument("--allow-dropped", action="store_true", help="build even if requested options did not survive")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("boot", help="boot and attach the terminal to the guest console (Ctrl-] leaves)")
     _add_launch_args(p)
@@ -153,6 +164,8 @@ def _dispatch(argv: list[str]) -> int:
         return _run(args, [*extra, *passthrough], argv)
     if args.command == "boot":
         return _boot(args)
+    if args.command == "build":
+        return _build(args)
     if args.command == "reproduce":
         return _reproduce(args)
     return EXIT_BAD_INPUT
@@ -225,6 +238,43 @@ def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> i
                      force=args.force, channel=args.channel, target=args.target, identity=args.identity,
                      known_hosts=args.known_hosts)
     return run(req, argv)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from harness.build import BuildFailed, BuildSpec, build, load_spec
+
+    specs = [load_spec(p) for p in args.specs]
+    if args.source:
+        specs.append(BuildSpec(source=args.source, series=args.series, configs=args.config or ["base"]))
+    elif args.series or args.config:
+        raise BadInput("harness build: --series/--config need --source (or give SPEC.yaml files)")
+    if not specs:
+        raise BadInput("harness build: give SPEC.yaml files or --source")
+    results = []
+    for spec in specs:
+        try:
+            result = build(spec, per_patch=args.per_patch, allow_dropped=args.allow_dropped)
+        except BuildFailed as e:
+            if e.steps:
+                _print_steps(e.steps)
+            raise
+        results.append(result)
+        if args.json:
+            continue
+        if result.steps:
+            _print_steps(result.steps)
+        print(f"{result.artifact}/bzImage  {result.release}  "
+              f"({'cache hit' if result.cached else 'built'} in {result.seconds:.1f}s)")
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    return 0
+
+
+def _print_steps(steps: list[Any]) -> None:
+    for s in steps:
+        extra = f"  {len(s.new_warnings)} new warning(s): {s.new_warnings[0][:100]}" if s.new_warnings else ""
+        extra += f"  {s.errors[0][:120]}" if s.errors else ""
+        print(f"patch {s.index:2}  {s.status:6}  {s.seconds:6.1f}s  {s.subject}{extra}", file=sys.stderr)
 
 
 def _boot(args: argparse.Namespace) -> int:

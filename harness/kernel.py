@@ -96,12 +96,24 @@ def bzimage_release(path: Path) -> str:
 
 
 def resolve_kernel(spec: str) -> Kernel:
-    """Turn a --kernel argument into a Kernel. Raises BadInput or InfraError."""
+    """Turn a --kernel argument into a Kernel. Raises BadInput, InfraError or BuildFailed.
+
+    A bzImage, a kernel build directory, a build artifact (a directory with
+    harness-build.json), a build spec YAML (built, or found in the cache), or
+    debian:<package>.
+    """
     if spec.startswith("debian:"):
         return _debian_kernel(spec[len("debian:"):], spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise BadInput(f"kernel {spec}: no such file")
+    if path.suffix in (".yaml", ".yml"):
+        from harness.build import build, load_spec
+
+        result = build(load_spec(path))
+        return _artifact_kernel(result.artifact, spec)
+    if (path / "harness-build.json").is_file():
+        return _artifact_kernel(path, spec)
     if path.is_dir():
         for candidate in (path / "arch/x86/boot/bzImage", path / "bzImage"):
             if candidate.is_file():
@@ -119,6 +131,17 @@ def resolve_kernel(spec: str) -> Kernel:
             modules = guess
             break
     return Kernel(spec=spec, image=path, release=release, sha256=file_sha256(path), modules_dir=modules)
+
+
+def _artifact_kernel(artifact: Path, spec: str) -> Kernel:
+    import json
+
+    meta = json.loads((artifact / "harness-build.json").read_text())
+    image = artifact / "bzImage"
+    modules = artifact / "modules" / "lib/modules" / meta["release"]
+    return Kernel(spec=spec, image=image, release=meta["release"], sha256=file_sha256(image),
+                  modules_dir=modules if modules.is_dir() else None,
+                  series=tuple(p["subject"] for p in meta["patches"]))
 
 
 def _apt(args: list[str], what: str, cwd: str | None = None) -> str:

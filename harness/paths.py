@@ -10,6 +10,13 @@ PROFILES_DIR = REPO / "qemu_cmdlines"
 KCONFIGS_DIR = REPO / "kconfigs"
 GUEST_TESTS_DIR = REPO / "guest_tests"
 RESULTS_DIR = REPO / "results"
+# The main job's kernel: linux-source-6.12 + the sample series (kernels/).
+SAMPLE_KERNEL = REPO / "kernels" / "coco-sample.yaml"
+
+
+def default_kernel() -> str:
+    """`--kernel` when none is given: $HARNESS_KERNEL, else the sample build spec."""
+    return os.environ.get("HARNESS_KERNEL") or str(SAMPLE_KERNEL)
 
 
 def cache_dir() -> Path:

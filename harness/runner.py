@@ -24,9 +24,9 @@ from typing import Any
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
-from harness.kernel import DEFAULT_KERNEL, file_sha256, resolve_kernel
+from harness.kernel import file_sha256, resolve_kernel
 from harness.machine import _die_with_parent
-from harness.paths import GUEST_TESTS_DIR, atomic_write
+from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
 from harness.profiles import load_profile
@@ -78,7 +78,7 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
         raise InfraError("QEMU not found: install qemu-system-x86 (or set HARNESS_QEMU)")
     choice = plan_profile(req.profile, req.params, caps, req.strict, req.force)
     profile = choice.effective
-    kernel = resolve_kernel(req.kernel or DEFAULT_KERNEL)
+    kernel = resolve_kernel(req.kernel or default_kernel())
     accel, why = choose_accel(profile, caps)
     # The initramfs carries the modules of both, so a forced or reproduced run
     # of the requested profile finds what it needs.

@@ -46,7 +46,11 @@ class Cli:
     results: Path
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ, TMPDIR=str(self.tmp), PYTHONDONTWRITEBYTECODE="1")
+        # The prebuilt Debian kernel unless a test names another: the sample
+        # build (the README's default) has its own tests in test_build.py.
+        env = {"HARNESS_KERNEL": DEFAULT_KERNEL, **os.environ}
+        env.update(TMPDIR=str(self.tmp), PYTHONDONTWRITEBYTECODE="1")
+        return env
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "harness", *args]
