@@ -20,15 +20,20 @@ EDU = ("0x1234", "0x11e8")
 IVSHMEM = ("0x1af4", "0x1110")
 
 
-@pytest.fixture(scope="module")
-def edu(guest: GuestChannel) -> PciDevice:
-    found = find_pci(guest, *EDU)
+def enabled_device(guest: GuestChannel, ids: tuple[str, str], name: str) -> PciDevice:
+    """The first vendor:device function, enabled for MMIO (skips if the profile has none)."""
+    found = find_pci(guest, *ids)
     if not found:
-        pytest.skip("no edu device (1234:11e8) in this guest: the profile does not add one")
+        pytest.skip(f"no {name} device ({ids[0][2:]}:{ids[1][2:]}) in this guest: the profile does not add one")
     dev = found[0]
     if not dev.enabled:
         guest.check(f"echo 1 > {dev.path}/enable")
     return dev
+
+
+@pytest.fixture(scope="module")
+def edu(guest: GuestChannel) -> PciDevice:
+    return enabled_device(guest, EDU, "edu")
 
 
 def _values(output: str) -> list[int]:
@@ -57,13 +62,7 @@ def test_edu_access_widths(guest: GuestChannel, edu: PciDevice) -> None:
 
 
 def test_every_width_on_shared_memory(guest: GuestChannel) -> None:
-    found = find_pci(guest, *IVSHMEM)
-    if not found:
-        pytest.skip("no ivshmem-plain device (1af4:1110) in this guest: the profile does not add one")
-    dev = found[0]
-    if not dev.enabled:
-        guest.check(f"echo 1 > {dev.path}/enable")
-    res = dev.resource(2)
+    res = enabled_device(guest, IVSHMEM, "ivshmem-plain").resource(2)
     assert _values(guest.check(f"pcimem {res} 0x100 d 0x1122334455667788")) == [0x1122334455667788]
     # Little-endian views of the same eight bytes, then narrow writes into them.
     assert _values(guest.check(f"pcimem {res} 0x100 b")) == [0x88]

@@ -30,10 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harness.errors import BadInput, InfraError, KernelFault
-from harness.paths import KCONFIGS_DIR, atomic_write, cache_dir
+from harness.paths import KCONFIGS_DIR, atomic_write, cache_dir, load_yaml
 
 FORMAT = "build-v1"
 ARCH = "x86_64"
@@ -621,12 +619,7 @@ def _publish(staging: Path, artifact: Path) -> None:
 
 def load_spec(path: Path) -> BuildSpec:
     """A build spec YAML: {source, series, configs}; relative paths are relative to the file."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise BadInput(f"build spec {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise BadInput(f"build spec {path}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    data = load_yaml(path, "build spec")
     if not isinstance(data, dict) or "source" not in data:
         raise BadInput(f"build spec {path}: needs a 'source' key")
     unknown = set(data) - {"source", "series", "configs"}

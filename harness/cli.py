@@ -102,14 +102,9 @@ def parse_params(pairs: list[str], file: Path | None) -> dict[str, str]:
     """--params FILE.yaml then --param KEY=VALUE (later wins). Raises BadInput."""
     params: dict[str, str] = {}
     if file is not None:
-        import yaml
+        from harness.paths import load_yaml
 
-        try:
-            data = yaml.safe_load(file.read_text())
-        except OSError as e:
-            raise BadInput(f"params file {file}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise BadInput(f"params file {file}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        data = load_yaml(file, "params file")
         if not isinstance(data, dict):
             raise BadInput(f"params file {file}: expected a mapping of parameter: value")
         for key, value in data.items():

@@ -17,6 +17,7 @@ class CpioWriter:
         self._out = out
         self._ino = 1
         self._offset = 0
+        self._dirs: set[str] = set()
 
     def _write(self, data: bytes) -> None:
         self._out.write(data)
@@ -42,6 +43,15 @@ class CpioWriter:
 
     def directory(self, name: str, perm: int = 0o755) -> None:
         self._entry(name, stat.S_IFDIR | perm)
+        self._dirs.add(name)
+
+    def parents(self, name: str) -> None:
+        """Directory entries for every parent of `name` not written yet."""
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in self._dirs:
+                self.directory(d)
 
     def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
         self._entry(name, stat.S_IFREG | perm, data)

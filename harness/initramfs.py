@@ -209,27 +209,15 @@ def _render(
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\n")
     if order and kernel.modules_dir is not None:
-        made = {"lib/modules"}
         for rel in order:
             target = "lib/modules/" + rel.split(".ko", 1)[0] + ".ko"
-            parts = target.split("/")
-            for i in range(3, len(parts)):
-                d = "/".join(parts[:i])
-                if d not in made:
-                    cpio.directory(d)
-                    made.add(d)
+            cpio.parents(target)
             cpio.file(target, _read_module(kernel.modules_dir / rel))
         listing = "".join(rel.split(".ko", 1)[0] + ".ko\n" for rel in order)
         cpio.file("etc/harness/modules", listing.encode())
-    made_dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "lib", "lib/modules"}
     for name, src in extra_files:
         target = name.lstrip("/")
-        parts = target.split("/")
-        for i in range(1, len(parts)):
-            d = "/".join(parts[:i])
-            if d not in made_dirs:
-                cpio.directory(d)
-                made_dirs.add(d)
+        cpio.parents(target)
         cpio.file(target, src.read_bytes(), 0o755)
     cpio.finish()
     return buf.getvalue()

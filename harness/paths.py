@@ -35,6 +35,20 @@ def cache_dir() -> Path:
     return path
 
 
+def load_yaml(path: Path, what: str) -> object:
+    """YAML from a file the user named; BadInput (naming `what` and the file) if unreadable."""
+    import yaml
+
+    from harness.errors import BadInput
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise BadInput(f"{what} {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"{what} {path}: malformed YAML: {getattr(e, 'problem', e)}") from None
+
+
 def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
     """Write a file so that readers see the old or the new content, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

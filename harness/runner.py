@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,22 +146,26 @@ def sweep_stale(tmp: Path | None = None) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process this user can see."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                yield int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+
+
 def kill_machines(prefix: str) -> list[int]:
     """SIGKILL every QEMU whose -name starts with `prefix-`. Returns the pids."""
     killed = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, argv in processes():
         if b"-name" in argv:
             i = argv.index(b"-name")
             if i + 1 < len(argv) and argv[i + 1].startswith(prefix.encode() + b"-"):
                 try:
-                    os.kill(int(proc.name), signal.SIGKILL)
-                    killed.append(int(proc.name))
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                 except ProcessLookupError:
                     pass
     return killed

@@ -22,21 +22,17 @@ from typing import Any
 import pytest
 
 from harness.kernel import DEFAULT_KERNEL, Kernel, resolve_kernel
+from harness.runner import processes
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def qemu_processes_mentioning(text: str) -> list[str]:
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "qemu-system" in argv and text in argv:
-            found.append(f"{proc.name}: {argv[:200]}")
+    for pid, argv in processes():
+        line = b" ".join(argv).decode(errors="replace")
+        if "qemu-system" in line and text in line:
+            found.append(f"{pid}: {line[:200]}")
     return found
 
 
