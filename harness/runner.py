@@ -94,8 +94,12 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
     )
     if initrd.missing_modules:
         names = profile.name if profile.name == req.profile else f"{req.profile}/{profile.name}"
-        print(f"warning: kernel {kernel.release} has no module(s) {', '.join(initrd.missing_modules)} "
-              f"named by profile {names}", file=sys.stderr)
+        if kernel.modules_dir is None:
+            print(f"note: kernel {kernel.release} has no module tree: {', '.join(initrd.missing_modules)} "
+                  f"(profile {names}) must be built in", file=sys.stderr)
+        else:
+            print(f"warning: kernel {kernel.release} has no module(s) {', '.join(initrd.missing_modules)} "
+                  f"named by profile {names}", file=sys.stderr)
     return plan, caps
 
 
