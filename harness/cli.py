@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_args(p)
     p.add_argument("--results", type=Path, default=Path("results"))
 
+    p = sub.add_parser("compare", help="compare runs across kernel versions (transitions, dmesg ids, deltas)")
+    p.add_argument("runs", nargs="*", type=Path, metavar="RESULT", help="results/<run-id> directories")
+    p.add_argument("--format", choices=("text", "json", "html"), default="text")
+    p.add_argument("--output", type=Path, default=None, help="write the report here instead of stdout")
+    p.add_argument("--last", type=int, default=None, metavar="N", help="the last N runs from the run index")
+    p.add_argument("--test", default=None, help="with --last: this test's status in each run")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results root holding index.sqlite")
+
     p = sub.add_parser("reproduce", help="re-run a recorded run exactly")
     p.add_argument("result", type=Path, help="a results/<run-id> directory")
     p.add_argument("--results", type=Path, default=None, help="results root (default: beside RESULT)")
@@ -163,6 +171,8 @@ def _dispatch(argv: list[str]) -> int:
         return _build(args)
     if args.command == "reproduce":
         return _reproduce(args)
+    if args.command == "compare":
+        return _compare(args)
     return EXIT_BAD_INPUT
 
 
@@ -292,6 +302,32 @@ def _boot(args: argparse.Namespace) -> int:
         status = attach(machine)
     print(f"\r\nharness: guest stopped; console log {log_dir}/console.log", file=sys.stderr)
     return 0 if status == 0 else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.compare import compare, history, load_run, render_history, render_html, render_text
+
+    if args.last is not None:
+        if args.last < 1:
+            raise BadInput("harness compare: --last takes a positive number")
+        rows = history(args.results, args.last, args.test)
+        text = json.dumps(rows, indent=2) if args.format == "json" else render_history(rows, args.test)
+    else:
+        if not args.runs:
+            raise BadInput("harness compare: give RESULT directories, or --last N")
+        comparison = compare([load_run(p) for p in args.runs])
+        if args.format == "json":
+            text = json.dumps(comparison.to_json(), indent=2)
+        elif args.format == "html":
+            text = render_html(comparison)
+        else:
+            text = render_text(comparison)
+    if args.output:
+        args.output.write_text(text if text.endswith("\n") else text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:

@@ -263,6 +263,7 @@ def _execute(req: RunRequest, run_dir: Path, meta: dict[str, Any], start: float)
     _finish_meta(meta, run_dir, status, code, note, records, machines,
                  tests=time.monotonic() - tests_start, total=time.monotonic() - start)
     _print_summary(run_dir, meta, records, machines)
+    _index(run_dir)
     return code
 
 
@@ -380,6 +381,16 @@ def _finish_meta(meta: dict[str, Any], run_dir: Path, status: str, code: int, no
     elif first_bad is not None:
         meta["failure"] = {"message": first_bad.message, "test": first_bad.nodeid, "kind": first_bad.status}
     write_meta(run_dir, meta)
+
+
+def _index(run_dir: Path) -> None:
+    # The index serves `harness compare --last N --test NAME`; a run never fails over it.
+    from harness.compare import index_run, load_run
+
+    try:
+        index_run(run_dir.parent, load_run(run_dir))
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: run not added to {run_dir.parent}/index.sqlite: {e}", file=sys.stderr)
 
 
 def _print_summary(run_dir: Path, meta: dict[str, Any], records: list[TestRecord],
