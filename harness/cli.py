@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", default=None, help="with --last: this test's status in each run")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root holding index.sqlite")
 
+    p = sub.add_parser("nightly", help="kernels x profiles x suites into one results tree, JUnit, exit code")
+    p.add_argument("matrix", nargs="?", type=Path, help="MATRIX.yaml")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run every N-th entry starting at I (1-based)")
+    p.add_argument("--jobs", type=int, default=None, help="entries at a time (default: half the cores)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="NIGHT",
+                   help="merge shard trees (nightly-*/ directories) into --results instead of running")
+
     p = sub.add_parser("reproduce", help="re-run a recorded run exactly")
     p.add_argument("result", type=Path, help="a results/<run-id> directory")
     p.add_argument("--results", type=Path, default=None, help="results root (default: beside RESULT)")
@@ -173,6 +181,8 @@ def _dispatch(argv: list[str]) -> int:
         return _reproduce(args)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "nightly":
+        return _nightly(args)
     return EXIT_BAD_INPUT
 
 
@@ -302,6 +312,17 @@ def _boot(args: argparse.Namespace) -> int:
         status = attach(machine)
     print(f"\r\nharness: guest stopped; console log {log_dir}/console.log", file=sys.stderr)
     return 0 if status == 0 else 1
+
+
+def _nightly(args: argparse.Namespace) -> int:
+    from harness.nightly import jobs_default, merge_nights, run_nightly
+
+    if args.merge:
+        return merge_nights(args.merge, args.results)
+    if args.matrix is None:
+        raise BadInput("harness nightly: give MATRIX.yaml (or --merge NIGHT...)")
+    _, code = run_nightly(args.matrix, args.results, args.shard, args.jobs or jobs_default())
+    return code
 
 
 def _compare(args: argparse.Namespace) -> int:
