@@ -297,9 +297,11 @@ def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
 
 
 def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
+    # Node ids under the test directory (a reproduced single test) replace the directory.
+    targets = [] if any(a.startswith(str(req.tests) + os.sep) for a in req.pytest_args) else [str(req.tests)]
     cmd = [sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
            "--harness-run-dir", str(run_dir), "-q", "--tb=short", "--no-header",
-           "--rootdir", str(req.tests), str(req.tests), *req.pytest_args]
+           "--rootdir", str(req.tests), *targets, *req.pytest_args]
     # The child's TMPDIR is the run's private directory, removed at the end,
     # so nothing pytest or xdist create there outlives the run.
     env = dict(os.environ, HARNESS_SOCK_DIR=str(sock_parent), HARNESS_MACHINE_PREFIX=sock_parent.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -53,3 +54,29 @@ def test_sigkill_leaves_a_readable_run_and_no_qemu(cli: Cli) -> None:
     assert any(p.name.startswith("harness-") for p in cli.tmp.iterdir())
     follow = cli("run", "--results", str(cli.results), "-k", "release")
     assert follow.returncode == 0, follow.stdout + follow.stderr
+
+
+def test_reproduce_one_test_and_reproduce_with_a_shell(cli: Cli) -> None:
+    first = cli("run", "--results", str(cli.results), "--append", "quiet_marker=1", "-k", "test_boot")
+    assert first.returncode == 0, first.stdout[-2000:]
+    original = cli.only_run()
+    one = original / "tests" / "test_boot.test_booted_release_matches_kernel"
+    proc = cli("reproduce", str(one))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = [d for d in cli.run_dirs() if d != original][0]
+    records = json.loads((again / "tests.json").read_text())
+    assert [r["nodeid"] for r in records] == ["test_boot.py::test_booted_release_matches_kernel"]
+    assert meta(again)["reproduces"] == meta(original)["run_id"]
+    # --shell: the recorded kernel, initramfs and command line, on the console.
+    child = pexpect.spawn(sys.executable, ["-m", "harness", "reproduce", str(original), "--shell"],
+                          cwd=str(REPO), env=cli.env(), timeout=90, encoding="utf-8")
+    try:
+        child.expect("Ctrl-] leaves")
+        child.expect("guest:/# ")
+        child.send("cat /proc/cmdline\r")
+        child.expect("quiet_marker=1")
+        child.send("\x1d")
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
