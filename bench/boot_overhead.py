@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from harness.cpio import CpioWriter
-from harness.kernel import DEFAULT_KERNEL
+from harness.kernel import PREBUILT_KERNEL
 from harness.machine import Machine
 from harness.runner import RunRequest, make_plan
 
@@ -37,7 +37,7 @@ def raw_initrd(initrd: Path, out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--kernel", default=DEFAULT_KERNEL)
+    ap.add_argument("--kernel", default=PREBUILT_KERNEL)
     ap.add_argument("--profile", default="emulated")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from boot_overhead import raw_initrd
 
-from harness.kernel import DEFAULT_KERNEL
+from harness.kernel import PREBUILT_KERNEL
 from harness.runner import RunRequest, make_plan
 
 
@@ -44,7 +44,7 @@ def run_suite(results: Path, workers: int, profile: str, kernel: str) -> tuple[f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="emulated")
-    ap.add_argument("--kernel", default=DEFAULT_KERNEL)
+    ap.add_argument("--kernel", default=PREBUILT_KERNEL)
     args = ap.parse_args()
     plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile))
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:

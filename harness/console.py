@@ -10,13 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_FATAL = (
-    ("panic", re.compile(r"Kernel panic - not syncing")),
-    ("oops", re.compile(r"\bOops: ")),
-    ("oops", re.compile(r"BUG: unable to handle")),
-    ("oops", re.compile(r"general protection fault")),
-    ("oops", re.compile(r"BUG: kernel NULL pointer dereference")),
-)
+from harness.dmesg import default_rules
+
+# The dmesg rules that end a boot at once: the same patterns the engine uses.
+_FATAL = tuple((r.id, r.pattern) for r in default_rules() if r.id in ("panic", "oops"))
 _BANNER = re.compile(r"Linux version \d+\.\d+")
 
 

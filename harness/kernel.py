@@ -21,7 +21,9 @@ from pathlib import Path
 from harness.errors import BadInput, InfraError
 from harness.paths import cache_dir
 
-DEFAULT_KERNEL = "debian:linux-image-cloud-amd64"
+# Debian's current cloud kernel: the prebuilt kernel tests and benches boot
+# (the CLI's default is the sample build: paths.default_kernel()).
+PREBUILT_KERNEL = "debian:linux-image-cloud-amd64"
 _PKG_RE = re.compile(r"^linux-image-[a-z0-9.+-]+$")
 
 

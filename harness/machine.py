@@ -42,7 +42,7 @@ def scratch_bytes(size: str) -> int:
     return int(text[:-1]) * scale if scale else int(text) << 20
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # QEMU must not outlive the process that owns it, even when that process
     # is SIGKILLed and no finally block runs.
     try:
@@ -147,7 +147,7 @@ class Machine:
             self.launched_at = time.monotonic()
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         except OSError as e:
             raise QemuStartError(f"cannot start QEMU: {e.strerror}", self.argv, "") from None

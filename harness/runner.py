@@ -26,7 +26,7 @@ from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
-from harness.machine import _die_with_parent
+from harness.machine import die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
@@ -310,7 +310,7 @@ def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
     # worker's identity must not leak into our pytest: it names the consoles.
     for var in [v for v in env if v.startswith("PYTEST_XDIST_") or v == "PYTEST_CURRENT_TEST"]:
         del env[var]
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent,
                              stdin=subprocess.DEVNULL)
     try:
         return child.wait(timeout=req.timeout)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from harness.kernel import DEFAULT_KERNEL, Kernel, resolve_kernel
+from harness.kernel import PREBUILT_KERNEL, Kernel, resolve_kernel
 from harness.runner import processes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ class Cli:
     def env(self) -> dict[str, str]:
         # The prebuilt Debian kernel unless a test names another: the sample
         # build (the README's default) has its own tests in test_build.py.
-        env = {"HARNESS_KERNEL": DEFAULT_KERNEL, **os.environ}
+        env = {"HARNESS_KERNEL": PREBUILT_KERNEL, **os.environ}
         env.update(TMPDIR=str(self.tmp), PYTHONDONTWRITEBYTECODE="1")
         return env
 
@@ -93,4 +93,4 @@ def cli() -> Iterator[Cli]:
 @pytest.fixture(scope="session")
 def debian_kernel() -> Kernel:
     """The default kernel (a real Debian cloud kernel, cached after the first download)."""
-    return resolve_kernel(DEFAULT_KERNEL)
+    return resolve_kernel(PREBUILT_KERNEL)

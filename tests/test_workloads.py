@@ -12,14 +12,14 @@ from junitparser import JUnitXml
 
 from harness.dmesg import errors, scan
 from harness.hotplug import HotplugFailure, plug
-from harness.kernel import DEFAULT_KERNEL
+from harness.kernel import PREBUILT_KERNEL
 from harness.machine import Machine
 from harness.runner import RunRequest, make_plan
 from tests.conftest import Cli, meta
 
 
 def boot(append: str = "", profile: str = "emulated") -> Iterator[Machine]:
-    plan, _ = make_plan(RunRequest(kernel=DEFAULT_KERNEL, profile=profile, append=append))
+    plan, _ = make_plan(RunRequest(kernel=PREBUILT_KERNEL, profile=profile, append=append))
     with tempfile.TemporaryDirectory(prefix="ht-wl-", dir="/tmp") as tmp, \
             Machine(plan, Path(tmp) / "logs", name="wl", sock_parent=Path(tmp) / "s") as m:
         m.wait_boot()
