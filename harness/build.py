@@ -395,7 +395,7 @@ def _run_make(args: list[str], log: Path, label: str, progress: Callable[[str], 
         while not done.wait(10):
             compiled = sum(1 for x in lines if x.lstrip().startswith(("CC ", "CC [M]", "AS ", "LD ")))
             last = next((x.strip() for x in reversed(lines) if x.startswith("  ")), "")
-            progress(f"{label}: {time.monotonic() - start:4.0f}s, {compiled} steps, last {last[:60]}")
+            progress(f"build {label}: {time.monotonic() - start:4.0f}s, {compiled} steps, last {last[:60]}")
 
     ticker = threading.Thread(target=report, daemon=True)
     ticker.start()

@@ -5,6 +5,7 @@ olddefconfig drops, the cache, and the built kernel booted with its series."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def test_per_patch_names_the_patch_that_breaks_the_build(cli: Cli) -> None:
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "patch 2 ('swiotlb: report a pool size that does not exist') breaks the build" in proc.stderr
     assert "undeclared_pool_size" in proc.stderr
-    report = [line for line in proc.stderr.splitlines() if line.startswith("patch ")]
+    report = [line for line in proc.stderr.splitlines() if re.match(r"patch\s+\d+\s+(ok|FAILED)\s", line)]
     assert report[0].split()[:3] == ["patch", "0", "ok"] and report[1].split()[:3] == ["patch", "1", "ok"]
     assert report[2].split()[:3] == ["patch", "2", "FAILED"]
     _cached_tree_is_clean()
