@@ -37,6 +37,7 @@ from typing import Any
 from junitparser import JUnitXml
 
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
+from harness.machine import die_with_parent
 from harness.paths import atomic_write, load_yaml
 
 _KEYS = {"kernels", "profiles", "suites", "timeout", "repeat", "retries", "entries"}
@@ -160,8 +161,10 @@ def _run_entry(entry: Entry, repeat: int, retries: int, night: Path, progress: P
         progress.say(f"{entry.name} (repeat {repeat}): running" + (f", attempt {attempts}" if attempts > 1 else ""))
         before = {p.name for p in target.iterdir()}
         try:
+            # die_with_parent: a killed nightly takes its runs (and so their QEMUs) with it.
+            # The pool thread that forks outlives the child, as PDEATHSIG needs.
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=entry.timeout + 300,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
             code = proc.returncode
             message = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [""])[-1]
         except subprocess.TimeoutExpired:

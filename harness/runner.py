@@ -138,16 +138,26 @@ def sweep_stale(tmp: Path | None = None) -> None:
     base = tmp or Path(tempfile.gettempdir())
     for d in base.glob(f"{SOCK_PREFIX}*"):
         try:
-            pid = int((d / "owner.pid").read_text())
-            os.kill(pid, 0)
-            continue
-        except ProcessLookupError:
-            pass
+            if alive(int((d / "owner.pid").read_text())):
+                continue
         except (OSError, ValueError):
             if time.time() - d.stat().st_mtime < 60:
                 continue
         kill_machines(d.name)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    """A running process. A zombie is dead: an owner killed with its parent may
+    wait a while for a reaper, and kill(pid, 0) still succeeds on it."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    except PermissionError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def processes() -> Iterator[tuple[int, list[bytes]]]:

@@ -90,3 +90,33 @@ def test_a_real_night(cli: Cli, tmp_path: Path) -> None:
     assert suites["no-init#1"].failures == suites["no-init#1"].tests > 0 and suites["no-init#1"].errors == 0
     assert suites["qemu-refuses#1"].errors == suites["qemu-refuses#1"].tests > 0
     assert "INFRA-ERROR" in proc.stdout and "FAILED" in proc.stdout and "[6/6]" in proc.stdout
+
+
+def test_a_killed_night_takes_its_runs_with_it(cli: Cli, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import REPO, qemu_processes_mentioning
+
+    matrix = write(tmp_path, {"kernels": KERNELS[:1], "profiles": ["emulated"], "suites": {"boot": []}})
+    proc = subprocess.Popen(cli.argv("nightly", str(matrix), "--results", str(cli.results)), env=cli.env(),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(cli.results.glob("nightly-*/*/*/console.log")):
+        assert time.monotonic() < deadline and proc.poll() is None, "the night never started booting"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 15
+    while qemu_processes_mentioning(str(cli.tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_processes_mentioning(str(cli.tmp))
+    night = next(cli.results.glob("nightly-*"))
+    assert json.loads((night / "nightly.json").read_text())["status"] == "incomplete"
+    # The next night is unaffected, and sweeps the killed run's socket directory.
+    assert any(p.name.startswith("harness-") for p in cli.tmp.iterdir())
+    again = cli("nightly", str(matrix), "--results", str(cli.results / "next"), timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert not any(p.name.startswith("harness-") for p in cli.tmp.iterdir())

@@ -155,3 +155,20 @@ def test_device_args_follow_qemu_property_types() -> None:
     args = device_args("virtio-blk-pci,id=d0,serial=0123,disable-legacy=on,iommu_platform=on,num-queues=2", types)
     assert args == {"driver": "virtio-blk-pci", "id": "d0", "serial": "0123", "disable-legacy": "on",
                     "iommu_platform": True, "num-queues": 2}
+
+
+def test_a_zombie_owner_counts_as_dead() -> None:
+    import os
+    import subprocess
+    import time
+
+    from harness.runner import alive
+
+    assert alive(os.getpid())
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while alive(child.pid) and time.monotonic() < deadline:  # exited, not yet reaped: a zombie
+        time.sleep(0.01)
+    assert not alive(child.pid)
+    child.wait()
+    assert not alive(child.pid)
