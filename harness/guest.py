@@ -38,10 +38,6 @@ class CommandResult:
     def ok(self) -> bool:
         return self.exit_code == 0
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        # `rc, out = guest.run(...)` reads naturally in tests.
-        return iter((self.exit_code, self.stdout))
-
 
 class CommandFailed(AssertionError):
     """A guest command given check=True exited non-zero (an assertion about the guest)."""

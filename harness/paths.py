@@ -9,7 +9,6 @@ REPO = Path(__file__).resolve().parent.parent
 PROFILES_DIR = REPO / "qemu_cmdlines"
 KCONFIGS_DIR = REPO / "kconfigs"
 GUEST_TESTS_DIR = REPO / "guest_tests"
-RESULTS_DIR = REPO / "results"
 # The main job's kernel: linux-source-6.12 + the sample series (kernels/).
 SAMPLE_KERNEL = REPO / "kernels" / "coco-sample.yaml"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,22 @@ class Cli:
         if not self.results.is_dir():
             return []
         return sorted(p for p in self.results.iterdir() if (p / "meta.json").exists())
+
+    def sigkill_once_booting(self, *args: str, console_glob: str) -> None:
+        """Start `harness ARGS`, SIGKILL it once a console.log matching the glob exists,
+        and assert that every QEMU it started dies with it (PDEATHSIG)."""
+        proc = subprocess.Popen(self.argv(*args), env=self.env(), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(self.results.glob(console_glob)):
+            assert time.monotonic() < deadline and proc.poll() is None, "it never started booting"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while qemu_processes_mentioning(str(self.tmp)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not qemu_processes_mentioning(str(self.tmp))
 
     def only_run(self) -> Path:
         dirs = self.run_dirs()

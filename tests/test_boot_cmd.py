@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pexpect
 from junitparser import JUnitXml
 
-from tests.conftest import REPO, Cli, meta, qemu_processes_mentioning
+from tests.conftest import REPO, Cli, meta
 
 
 def test_boot_gives_a_shell_and_ctrl_bracket_leaves(cli: Cli, debian_kernel) -> None:  # type: ignore[no-untyped-def]
@@ -34,19 +30,8 @@ def test_boot_gives_a_shell_and_ctrl_bracket_leaves(cli: Cli, debian_kernel) -> 
 
 
 def test_sigkill_leaves_a_readable_run_and_no_qemu(cli: Cli) -> None:
-    proc = subprocess.Popen(cli.argv("run", "--results", str(cli.results)), env=cli.env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (cli.run_dirs() and (cli.run_dirs()[0] / "console.log").exists()):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run never started booting"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
     # QEMU dies with its parent (PDEATHSIG), whatever state the harness was in.
-    deadline = time.monotonic() + 10
-    while qemu_processes_mentioning(str(cli.tmp)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not qemu_processes_mentioning(str(cli.tmp))
+    cli.sigkill_once_booting("run", "--results", str(cli.results), console_glob="*/console.log")
     run_dir = cli.only_run()
     assert meta(run_dir)["status"] == "incomplete"
     JUnitXml.fromfile(str(run_dir / "junit.xml"))

@@ -93,26 +93,9 @@ def test_a_real_night(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_a_killed_night_takes_its_runs_with_it(cli: Cli, tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from tests.conftest import REPO, qemu_processes_mentioning
-
     matrix = write(tmp_path, {"kernels": KERNELS[:1], "profiles": ["emulated"], "suites": {"boot": []}})
-    proc = subprocess.Popen(cli.argv("nightly", str(matrix), "--results", str(cli.results)), env=cli.env(),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(cli.results.glob("nightly-*/*/*/console.log")):
-        assert time.monotonic() < deadline and proc.poll() is None, "the night never started booting"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    deadline = time.monotonic() + 15
-    while qemu_processes_mentioning(str(cli.tmp)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not qemu_processes_mentioning(str(cli.tmp))
+    cli.sigkill_once_booting("nightly", str(matrix), "--results", str(cli.results),
+                             console_glob="nightly-*/*/*/console.log")
     night = next(cli.results.glob("nightly-*"))
     assert json.loads((night / "nightly.json").read_text())["status"] == "incomplete"
     # The next night is unaffected, and sweeps the killed run's socket directory.
