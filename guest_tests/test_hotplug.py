@@ -16,7 +16,7 @@ from harness.hotplug import device_args, plug, unplug
 from harness.machine import Machine
 from harness.pytest_plugin import RunInfo
 from harness.qmp import QmpChannel
-from harness.sysfs import block_devices_of, find_pci, path_exists, wait_until
+from harness.sysfs import block_devices_of, find_pci, path_exists, slots, wait_until
 
 EDU = ("0x1234", "0x11e8")
 NVME = ("0x1b36", "0x0010")
@@ -43,12 +43,23 @@ def _wait_disk(guest: GuestChannel, bdf: str) -> str:
     return f"/dev/{names[0]}"
 
 
+def _slot_of(guest: GuestChannel, bdf: str) -> dict[str, str]:
+    """The hotplug slot (ACPI or pciehp) whose address is the device's bus."""
+    found = [s for s in slots(guest).values() if s.get("address") == bdf.rsplit(".", 1)[0]]
+    assert found, f"no hotplug slot for {bdf}"
+    return found[0]
+
+
 def test_edu_hotplug_cycles(guest: GuestChannel, qmp: QmpChannel, hotplug_cycles: int) -> None:
     for cycle in range(hotplug_cycles):
         plugged = plug(qmp, guest, f"edu,id=hpedu{cycle},bus=hp1", *EDU)
+        slot = _slot_of(guest, plugged.device.bdf)
+        assert (slot["power"], slot["adapter"]) == ("1", "1"), slot
         guest.check(f"echo 1 > {plugged.device.path}/enable")
         assert guest.check(f"pcimem {plugged.device.resource(0)} 0").strip() == "0x0000: 0x010000ED", cycle
         unplug(qmp, guest, plugged)
+        slot = _slot_of(guest, plugged.device.bdf)
+        assert (slot["power"], slot["adapter"]) == ("0", "0"), slot
 
 
 @pytest.mark.parametrize("kind", ["nvme", "virtio-blk"])

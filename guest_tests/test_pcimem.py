@@ -14,7 +14,7 @@ import pytest
 
 from harness.guest import GuestChannel
 from harness.pytest_plugin import RunInfo
-from harness.sysfs import PciDevice, find_pci, path_exists
+from harness.sysfs import PciDevice, bar_sizes, find_pci, path_exists
 
 EDU = ("0x1234", "0x11e8")
 IVSHMEM = ("0x1af4", "0x1110")
@@ -41,6 +41,7 @@ def _values(output: str) -> list[int]:
 
 
 def test_edu_id_register(guest: GuestChannel, edu: PciDevice) -> None:
+    assert bar_sizes(guest.read_text(f"{edu.path}/resource")) == {0: 1 << 20}  # BAR0: 1 MiB, nothing else
     out = guest.check(f"pcimem {edu.resource(0)} 0")
     assert out.strip() == "0x0000: 0x010000ED"
 

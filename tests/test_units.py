@@ -172,3 +172,14 @@ def test_a_zombie_owner_counts_as_dead() -> None:
     assert not alive(child.pid)
     child.wait()
     assert not alive(child.pid)
+
+
+def test_sysfs_parsers() -> None:
+    from harness.sysfs import bar_sizes, parse_pci_listing
+
+    resource = ("0x00000000fe800000 0x00000000fe8fffff 0x0000000000040200\n"
+                + "0x0000000000000000 0x0000000000000000 0x0000000000000000\n" * 6)
+    assert bar_sizes(resource) == {0: 1 << 20}
+    devs = parse_pci_listing("0000:00:03.0 0x1234 0x11e8 - 0\n0000:00:04.0 0x1b36 0x0010 nvme 1\nbad line\n")
+    assert [(d.bdf, d.driver, d.enabled) for d in devs] == [("0000:00:03.0", None, False),
+                                                             ("0000:00:04.0", "nvme", True)]
