@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.diagnostics import Diagnostics
 from harness.errors import BadInput, InfraError
 from harness.kernel import Kernel
 from harness.probe import HostCaps
@@ -36,6 +37,8 @@ class LaunchPlan:
     append: str = ""
     initrd_modules: tuple[str, ...] = ()
     channel: str = "serial"
+    # What the kernel can report (WARN/BUG, KALLSYMS, sanitizers), from its config.
+    diagnostics: Diagnostics = Diagnostics(None)
 
     @property
     def boot_deadline(self) -> float:
@@ -73,6 +76,7 @@ class LaunchPlan:
             "append": self.append,
             "initrd_modules": list(self.initrd_modules),
             "channel": self.channel,
+            "diagnostics": self.diagnostics.to_json(),
             "profile": self.profile.to_json(),
             "requested_profile": self.requested_profile.to_json(),
         }
@@ -88,6 +92,7 @@ class LaunchPlan:
             extra_args=tuple(data["extra_args"]), boot_timeout=data.get("boot_timeout"),
             append=data.get("append", ""), initrd_modules=tuple(data.get("initrd_modules", ())),
             channel=data.get("channel", "serial"),
+            diagnostics=Diagnostics.from_json(data.get("diagnostics") or {}),
         )
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from harness.diagnostics import REMOTE_CONFIG
 from harness.dmesg import Allow, describe, errors, load_allowlist, scan
 from harness.errors import HarnessError, KernelFault, Terminated
 from harness.guest import GuestChannel
@@ -196,6 +197,10 @@ def guest(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[GuestCh
                          known_hosts=Path(t["known_hosts"]) if t.get("known_hosts") else None,
                          connect_timeout=float(t.get("connect_timeout", 30)))
     try:
+        # What the target's kernel can report: its config, where the system keeps one.
+        config = session.run("zcat /proc/config.gz 2>/dev/null || cat /boot/config-$(uname -r)", timeout=30)
+        if config.ok and config.stdout.strip():
+            (run_info.run_dir / REMOTE_CONFIG).write_text(config.stdout)
         yield session
     finally:
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
+from harness.diagnostics import REMOTE_CONFIG, Diagnostics, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
@@ -80,6 +81,10 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
     choice = plan_profile(req.profile, req.params, caps, req.strict, req.force)
     profile = choice.effective
     kernel = resolve_kernel(req.kernel or default_kernel())
+    diagnostics = diagnose_image(kernel.image, kernel.release)
+    if req.strict and diagnostics.problems():
+        # A kernel that cannot report a failure makes every test on it unable to fail.
+        raise BadInput(f"kernel {kernel.spec}: {diagnostics.problems()[0]} (--strict)")
     accel, why = choose_accel(profile, caps)
     # The initramfs carries the modules of both, so a forced or reproduced run
     # of the requested profile finds what it needs.
@@ -91,6 +96,7 @@ def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan
         qemu=str(caps.qemu.value), kernel=kernel, initrd=initrd.path, initrd_sha256=initrd.sha256,
         cmdline=kernel_cmdline(profile, req.append, req.channel), extra_args=tuple(req.qemu_args),
         boot_timeout=req.boot_timeout, append=req.append, initrd_modules=initrd.modules, channel=req.channel,
+        diagnostics=diagnostics,
     )
     if initrd.missing_modules:
         names = profile.name if profile.name == req.profile else f"{req.profile}/{profile.name}"
@@ -216,7 +222,19 @@ def run(req: RunRequest, argv: list[str]) -> int:
           f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
     if plan.fell_back:
         print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
+    _print_diagnostics(meta)
     return _execute(req, run_dir, meta, start)
+
+
+def _print_diagnostics(meta: dict[str, Any]) -> None:
+    """What the kernel can report; a kernel whose tests cannot fail is said loudly."""
+    diag = meta["kernel"].get("diagnostics")
+    if not diag:
+        return
+    for problem in diag["problems"]:
+        print(f"WARNING: {problem}: no test on it can fail on a WARN or BUG it hits", flush=True)
+    for note in diag["notes"]:
+        print(f"note: {note}", flush=True)
 
 
 def _run_remote(req: RunRequest, argv: list[str], start: float) -> int:
@@ -270,6 +288,10 @@ def _execute(req: RunRequest, run_dir: Path, meta: dict[str, Any], start: float)
         raise BadInput(note)
     records = read_records(run_dir)
     machines = _machines(run_dir)
+    remote_config = run_dir / REMOTE_CONFIG
+    if remote_config.is_file():
+        meta["kernel"]["diagnostics"] = diagnose(remote_config.read_text(errors="replace"),
+                                                 f"{meta.get('target')}: /proc/config.gz or /boot/config-*").to_json()
     _finish_meta(meta, run_dir, status, code, note, records, machines,
                  tests=time.monotonic() - tests_start, total=time.monotonic() - start)
     _print_summary(run_dir, meta, records, machines)
@@ -295,7 +317,7 @@ def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
         "host": caps.to_json(),
         "qemu": {"path": plan.qemu, "version": caps.qemu_version.value},
         "firmware": _firmware(plan, caps),
-        "kernel": plan.kernel.to_json(),
+        "kernel": {**plan.kernel.to_json(), "diagnostics": plan.diagnostics.to_json()},
         "series": list(plan.kernel.series),
         "initramfs": {"path": str(plan.initrd), "sha256": plan.initrd_sha256},
         "profile": {"requested": plan.requested, "effective": plan.profile.name,
@@ -417,6 +439,10 @@ def _print_summary(run_dir: Path, meta: dict[str, Any], records: list[TestRecord
           + f"  accel {prof['accel']}")
     for reason in prof["reasons"]:
         print(f"  {'forced despite' if prof['effective'] == prof['requested'] else 'because'}: {reason}")
+    diag = meta["kernel"].get("diagnostics")
+    if diag:
+        print(f"kernel {Diagnostics.from_json(diag).summary()}")
+        _print_diagnostics(meta)
     t = meta["timings"]
     boot = f"{t['boot']:.2f}s" if t["boot"] is not None else "-"
     print(f"boot {boot}  tests {t['tests']:.2f}s  total {t['total']:.2f}s")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.dmesg import error_id, errors, load_allowlist, load_rules, normalise, scan
+from harness.dmesg import describe, error_id, errors, load_allowlist, load_rules, normalise, scan
 from harness.errors import BadInput
 
 DATA = Path(__file__).parent / "data"
@@ -32,7 +32,7 @@ def test_each_rule_fires_on_its_scenario(log: str, rule: str) -> None:
 @pytest.mark.parametrize(("log", "rules"), [
     ("panic-no-init.log", {"panic", "call-trace"}),
     ("oops-null-deref.log", {"oops"}),
-    ("warning-splat.log", {"warning", "call-trace"}),
+    ("warning-splat.log", {"cut-here", "warning", "call-trace"}),
     ("clean-boot.log", set()),
 ])
 def test_console_scenarios(log: str, rules: set[str]) -> None:
@@ -40,10 +40,18 @@ def test_console_scenarios(log: str, rules: set[str]) -> None:
 
 
 def test_every_rule_has_a_scenario() -> None:
-    covered = set(SCENARIOS.values()) | {"panic", "oops", "warning", "call-trace"}
+    covered = set(SCENARIOS.values()) | {"panic", "oops", "warning", "call-trace", "cut-here"}
     untested = {r.id for r in load_rules()} - covered
     # Rules proven only on real guests or by their neighbours' scenarios:
     assert untested <= {"hard-lockup", "bad-page", "sleeping-in-atomic", "bug", "aer", "io-error"}, untested
+
+
+def test_a_warn_splat_is_named_by_its_report_line_not_the_cut_here_line() -> None:
+    # Every WARN/BUG starts with the same "cut here" line: an id made from it
+    # would name every warning alike. The error is the report line.
+    bad = errors(scan((DATA / "console" / "warning-splat.log").read_text().splitlines()))
+    assert [h.rule for h in bad] == ["warning"]
+    assert "msi.c" in bad[0].line and describe(bad).startswith(bad[0].error_id)
 
 
 def test_same_bug_on_two_kernels_has_the_same_id() -> None:
