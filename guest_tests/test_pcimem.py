@@ -76,8 +76,9 @@ def test_every_width_on_shared_memory(guest: GuestChannel) -> None:
     assert reads == [0x88, 0xAB, 0x66, 0x55, 0x44, 0x33, 0xEF, 0xCD]
 
 
-def test_seed_command_line_form(guest: GuestChannel, edu: PciDevice) -> None:
-    # The form of seed 001's command: `pcimem <resource> 0 w*4 0xabcd`.
+def test_tio_rfc_command_line_form(guest: GuestChannel, edu: PciDevice) -> None:
+    # The form of the command in the "Secure VFIO, TDISP, SEV TIO" RFC's cover
+    # letter: `pcimem <resource> 0 w*4 0xabcd`.
     out = guest.check(f"pcimem {edu.resource(0)} 0x4 w*1 0xabcd")
     assert _values(out) == [0xFFFF5432]
     reads = guest.check(f"pcimem {edu.resource(0)} 0 w*4").strip().splitlines()
@@ -94,5 +95,5 @@ def test_encrypted_resource(guest: GuestChannel, edu: PciDevice, run_info: RunIn
     enc = edu.resource(0, enc=True)
     if not path_exists(guest, enc):
         pytest.skip(f"kernel {run_info.kernel_release} offers no {enc.rsplit('/', 1)[-1]} "
-                    "(resourceN_enc comes with the TIO series, seed 001)")
+                    "(resourceN_enc comes with the \"Secure VFIO, TDISP, SEV TIO\" RFC series)")
     assert guest.check(f"pcimem {enc} 0").strip() == "0x0000: 0x010000ED"
