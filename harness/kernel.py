@@ -90,6 +90,13 @@ def bzimage_release(path: Path) -> str:
         raise BadInput(f"kernel {path}: {e.strerror}") from None
     if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
         raise BadInput(f"kernel {path}: not a bzImage (no HdrS setup header)")
+    # The setup sectors (0x1f1; 0 means 4) and the protected-mode size in
+    # 16-byte paragraphs (syssize, 0x1f4) say how long the file must be: a
+    # truncated copy fails here, not as a silent QEMU exit.
+    needed = ((head[0x1F1] or 4) + 1) * 512 + int.from_bytes(head[0x1F4:0x1F8], "little") * 16
+    size = path.stat().st_size
+    if size < needed:
+        raise BadInput(f"kernel {path}: truncated bzImage ({size} bytes; its setup header says {needed})")
     ptr = int.from_bytes(head[0x20E:0x210], "little") + 0x200
     text = head[ptr:ptr + 256].split(b"\0", 1)[0].decode("ascii", "replace")
     if not text:
@@ -140,6 +147,7 @@ def _artifact_kernel(artifact: Path, spec: str) -> Kernel:
 
     meta = json.loads((artifact / "harness-build.json").read_text())
     image = artifact / "bzImage"
+    bzimage_release(image)  # a truncated or missing image is named before anything boots
     modules = artifact / "modules" / "lib/modules" / meta["release"]
     return Kernel(spec=spec, image=image, release=meta["release"], sha256=file_sha256(image),
                   modules_dir=modules if modules.is_dir() else None,
@@ -166,7 +174,9 @@ class _AptFailed(Exception):
 
 def _concrete_package(package: str) -> str:
     """Follow a meta-package (linux-image-cloud-amd64) to the versioned image."""
-    if re.search(r"-\d", package.removeprefix("linux-image-")):
+    # A versioned image package names its release: linux-image-6.1.0-56-cloud-amd64,
+    # linux-image-6.12.57+deb12-cloud-amd64; a meta-package does not.
+    if re.match(r"\d+\.\d+\.\d+", package.removeprefix("linux-image-")):
         return package
     try:
         out = _apt(["apt-cache", "depends", package], f"package {package}")
@@ -197,6 +207,7 @@ def _debian_kernel(package: str, spec: str) -> Kernel:
         raise InfraError(f"package {package}: unpacked tree has no lib/modules")
     release = releases[0]
     image = root / "boot" / f"vmlinuz-{release}"
+    bzimage_release(image)
     return Kernel(
         spec=spec,
         image=image,
