@@ -39,6 +39,7 @@ from junitparser import JUnitXml
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
 from harness.machine import die_with_parent
 from harness.paths import atomic_write, load_yaml
+from harness.results import write_junit_xml
 
 _KEYS = {"kernels", "profiles", "suites", "timeout", "repeat", "retries", "entries"}
 _ENTRY_KEYS = {"kernel", "profile", "suite", "append", "qemu_args", "params", "timeout", "repeat", "name"}
@@ -206,10 +207,7 @@ def merge_junit(outcomes: list[Outcome], path: Path) -> None:
             suite.add_testcase(case)
             suite.update_statistics()  # type: ignore[no-untyped-call]
             merged.add_testsuite(suite)
-    merged.update_statistics()  # type: ignore[no-untyped-call]
-    tmp = path.with_name(".junit.xml.tmp")
-    merged.write(str(tmp), pretty=True)
-    tmp.replace(path)
+    write_junit_xml(path, merged)
 
 
 def summary(outcomes: list[Outcome]) -> str:

@@ -8,6 +8,7 @@ run that dies half-way leaves a well-formed file for what finished.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import secrets
@@ -92,10 +93,15 @@ def write_junit(path: Path, records: list[TestRecord], suite: str) -> None:
     ts.update_statistics()  # type: ignore[no-untyped-call]
     xml = JUnitXml()
     xml.add_testsuite(ts)
+    write_junit_xml(path, xml)
+
+
+def write_junit_xml(path: Path, xml: JUnitXml) -> None:
+    """Every JUnit file the harness writes goes through here: statistics updated, written atomically."""
     xml.update_statistics()  # type: ignore[no-untyped-call]
-    tmp = path.with_name(f".{path.name}.tmp")
-    xml.write(str(tmp), pretty=True)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    xml.write(buf, pretty=True)
+    atomic_write(path, buf.getvalue())
 
 
 def counts(records: list[TestRecord]) -> dict[str, int]:
