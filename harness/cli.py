@@ -307,7 +307,7 @@ def interactive_boot(req: Any, results: Path) -> int:
     """Boot a RunRequest's plan with the console on this terminal (Ctrl-] leaves)."""
     from harness.console_tty import attach, write_through
     from harness.machine import Machine
-    from harness.results import new_run_id
+    from harness.rundir import new_run_id
     from harness.runner import make_plan, sweep_stale
 
     plan, _ = make_plan(req)
@@ -335,7 +335,8 @@ def _nightly(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare, history, load_run, render_history, render_html, render_text
+    from harness.compare import compare, load_run, render_history, render_html, render_text
+    from harness.rundir import history
 
     if args.last is not None:
         if args.last < 1:
@@ -362,7 +363,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from harness.kernel import file_sha256
-    from harness.results import read_meta
+    from harness.rundir import read_run
     from harness.runner import RunRequest, run
 
     result = args.result.resolve()
@@ -378,31 +379,33 @@ def _reproduce(args: argparse.Namespace) -> int:
         selection, result = match, run_dir
     if not (result / "meta.json").is_file():
         raise BadInput(f"{args.result}: not a run directory (no meta.json)")
-    meta = read_meta(result)
-    inv = meta.get("invocation")
-    if not isinstance(inv, dict):
+    record = read_run(result)
+    inv = record.invocation
+    if inv is None:
         raise BadInput(f"{result}/meta.json: no 'invocation' key to reproduce from")
-    image = Path(meta["kernel"]["image"])
-    if not image.is_file() or file_sha256(image) != meta["kernel"]["sha256"]:
-        raise BadInput(f"kernel {image} of run {meta['run_id']} is missing or changed since (sha256)")
-    if "target" in inv:
+    if inv.target is not None:
         raise BadInput(f"{result}: a remote-target run is reproduced by running it again on its target")
-    tests_dir = Path(inv["tests"])
-    pytest_args = [str(tests_dir / n) for n in selection] if selection else list(inv["pytest_args"])
-    req = RunRequest(kernel=str(image), profile=inv["profile"], append=inv["append"],
+    if record.kernel.image is None or record.kernel.sha256 is None:
+        raise BadInput(f"{result}/meta.json: no kernel image recorded to reproduce with")
+    image = Path(record.kernel.image)
+    if not image.is_file() or file_sha256(image) != record.kernel.sha256:
+        raise BadInput(f"kernel {image} of run {record.run_id} is missing or changed since (sha256)")
+    tests_dir = Path(inv.tests)
+    pytest_args = [str(tests_dir / n) for n in selection] if selection else list(inv.pytest_args)
+    req = RunRequest(kernel=str(image), profile=inv.profile, append=inv.append,
                      results=args.results or result.parent, tests=tests_dir,
-                     pytest_args=pytest_args, qemu_args=list(inv["qemu_args"]),
-                     timeout=float(inv["timeout"]), boot_timeout=inv.get("boot_timeout"),
-                     params=dict(inv.get("params") or {}), strict=bool(inv.get("strict")),
-                     force=bool(inv.get("force")), channel=str(inv.get("channel", "serial")),
-                     reproduces=meta["run_id"])
+                     pytest_args=pytest_args, qemu_args=list(inv.qemu_args),
+                     timeout=inv.timeout, boot_timeout=inv.boot_timeout,
+                     params=dict(inv.params), strict=inv.strict,
+                     force=inv.force, channel=inv.channel,
+                     reproduces=record.run_id)
     if args.shell:
-        print(f"booting {meta['run_id']} as recorded; the guest console is yours (Ctrl-] leaves)", flush=True)
+        print(f"booting {record.run_id} as recorded; the guest console is yours (Ctrl-] leaves)", flush=True)
         return interactive_boot(req, req.results)
     what = f"{selection[0]} of " if selection else ""
-    print(f"reproducing {what}{meta['run_id']}: {shlex.join(meta['command'])}", flush=True)
+    print(f"reproducing {what}{record.run_id}: {shlex.join(record.command)}", flush=True)
     start = time.monotonic()
     code = run(req, ["reproduce", str(result)])
-    print(f"reproduce of {meta['run_id']}: exit {code} (recorded exit {meta.get('exit_code')}) "
+    print(f"reproduce of {record.run_id}: exit {code} (recorded exit {record.exit_code}) "
           f"in {time.monotonic() - start:.1f}s")
     return code

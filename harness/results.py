@@ -1,4 +1,5 @@
-"""The results layout: results/<run-id>/{meta.json, junit.xml, ...}.
+"""The guest tests' records in a run directory: tests.json and junit.xml
+(meta.json and the per-VM records are harness/rundir.py's).
 
 Test outcomes stay in three kinds: failed (the kernel under test misbehaved or
 an assertion about it failed), error (the harness or host broke), skipped
@@ -11,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import secrets
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,20 +48,6 @@ class TestRecord:
     @property
     def dirname(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.nodeid.replace(".py::", ".").replace("::", "."))
-
-
-def new_run_id(release: str, profile: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{profile}-{release}-{secrets.token_hex(2)}"
-
-
-def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
-    atomic_write(run_dir / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-def read_meta(run_dir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((run_dir / "meta.json").read_text())
-    return data
 
 
 def write_records(run_dir: Path, records: list[TestRecord]) -> None:
