@@ -73,11 +73,20 @@ class RunRequest:
     known_hosts: Path | None = None
 
     def invocation(self) -> Invocation:
-        """What meta.json records of this request."""
+        """What meta.json records of this request (see `from_invocation`)."""
         return Invocation(tests=str(self.tests), pytest_args=list(self.pytest_args), kernel=self.kernel,
                           profile=self.profile, append=self.append, qemu_args=list(self.qemu_args),
                           timeout=self.timeout, boot_timeout=self.boot_timeout, params=dict(self.params),
                           strict=self.strict, force=self.force, channel=self.channel, target=self.target)
+
+    @classmethod
+    def from_invocation(cls, inv: Invocation, kernel: str, results: Path, pytest_args: list[str],
+                        reproduces: str) -> RunRequest:
+        """A recorded request again, on the given kernel image, test selection and results root."""
+        return cls(kernel=kernel, profile=inv.profile, append=inv.append, results=results, tests=Path(inv.tests),
+                   pytest_args=pytest_args, qemu_args=list(inv.qemu_args), timeout=inv.timeout,
+                   boot_timeout=inv.boot_timeout, params=dict(inv.params), strict=inv.strict, force=inv.force,
+                   channel=inv.channel, reproduces=reproduces)
 
 
 def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan, HostCaps]:
