@@ -4,6 +4,10 @@ The guest tests run in a pytest child process (its own process group, dying
 with us through PDEATHSIG). The child boots the VM through the plugin, so
 `-n N` gives one VM per xdist worker. This process owns the run directory:
 meta.json before anything starts (status `incomplete`) and after the end.
+
+`run()` takes the host prober and the launcher of the guest tests as
+parameters, so the verdict (status, exit code, failure, what is printed) is
+tested with fakes in seconds; the defaults are the real probe and pytest child.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, BadInput, InfraError, Terminated
@@ -49,6 +53,16 @@ from harness.tools import build_tools
 from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
 
 SOCK_PREFIX = "harness-"
+
+Prober = Callable[[], HostCaps]
+
+
+class Launcher(Protocol):
+    def __call__(self, req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
+        """Run the guest tests of `req`, recording into run_dir (tests.json, machines/) with the VMs'
+        sockets under sock_parent. Returns pytest's exit status, or verdict.TIMED_OUT past req.timeout."""
+        ...
+
 
 @dataclass
 class RunRequest:
@@ -89,12 +103,14 @@ class RunRequest:
                    channel=inv.channel, reproduces=reproduces)
 
 
-def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan, HostCaps]:
-    """Resolve profile, kernel and initramfs into a LaunchPlan. Raises BadInput/InfraError."""
+def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan, HostCaps]:
+    """Resolve profile, kernel and initramfs into a LaunchPlan, on the host `prober` describes.
+
+    Raises BadInput/InfraError."""
     load_profile(req.profile)  # an unknown profile is bad input before any slow step
     if not req.tests.is_dir():
         raise BadInput(f"guest tests {req.tests}: no such directory")
-    caps = caps or probe_host()
+    caps = prober()
     if not caps.qemu.value:
         raise InfraError("QEMU not found: install qemu-system-x86 (or set HARNESS_QEMU)")
     choice = plan_profile(req.profile, req.params, caps, req.strict, req.force)
@@ -210,11 +226,17 @@ def kill_machines(prefix: str) -> list[int]:
     return killed
 
 
-def run(req: RunRequest, argv: list[str]) -> int:
+def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher: Launcher | None = None) -> int:
+    """Run the guest tests as `req` asks; returns the exit code. Raises BadInput/InfraError before
+    a run directory exists (a selection of no tests removes the one it made).
+
+    `prober` reads the host's capabilities; `launcher` runs the guest tests (None: a pytest child).
+    """
     start = time.monotonic()
+    launch = launcher or _run_pytest
     if req.target is not None:
-        return _run_remote(req, argv, start)
-    plan, caps = make_plan(req)
+        return _run_remote(req, argv, start, launch)
+    plan, caps = make_plan(req, prober)
     if req.dry_run:
         _print_dry_run(plan, req.json)
         return 0
@@ -232,7 +254,7 @@ def run(req: RunRequest, argv: list[str]) -> int:
     if plan.fell_back:
         print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
     print_diagnostics(plan.diagnostics)
-    return _execute(req, run_dir, record, start)
+    return _execute(req, run_dir, record, start, launch)
 
 
 def _print_dry_run(plan: LaunchPlan, as_json: bool) -> None:
@@ -264,7 +286,7 @@ def _start_record(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
     )
 
 
-def _run_remote(req: RunRequest, argv: list[str], start: float) -> int:
+def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher) -> int:
     """Run the guest tests on an existing machine over SSH: no QEMU, same tests."""
     from harness.ssh import parse_target
 
@@ -288,16 +310,16 @@ def _run_remote(req: RunRequest, argv: list[str], start: float) -> int:
     write_run(run_dir, record)
     write_records(run_dir, [])
     print(f"run {run_id}: remote target {target.url}", flush=True)
-    return _execute(req, run_dir, record, start)
+    return _execute(req, run_dir, record, start, launch)
 
 
-def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float) -> int:
+def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher) -> int:
     sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     (sock_parent / "owner.pid").write_text(str(os.getpid()))
     verdict = Verdict.infra("")
     tests_start = time.monotonic()
     try:
-        rc = _run_pytest(req, run_dir, sock_parent)
+        rc = launch(req, run_dir, sock_parent)
         verdict = judge(rc, read_records(run_dir), req.invocation())
     except (KeyboardInterrupt, Terminated) as e:
         verdict = Verdict.interrupted(e.signum if isinstance(e, Terminated) else signal.SIGINT)
