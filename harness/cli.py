@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -295,32 +292,13 @@ def _print_steps(steps: list[Any]) -> None:
 
 
 def _boot(args: argparse.Namespace) -> int:
+    from harness.reproduce import boot
     from harness.runner import RunRequest
 
-    return interactive_boot(RunRequest(kernel=args.kernel, profile=args.profile, append=args.append,
-                                       qemu_args=args.qemu_arg, boot_timeout=args.boot_timeout,
-                                       params=parse_params(args.param, args.params), strict=args.strict,
-                                       force=args.force), args.results)
-
-
-def interactive_boot(req: Any, results: Path) -> int:
-    """Boot a RunRequest's plan with the console on this terminal (Ctrl-] leaves)."""
-    from harness.console_tty import attach, write_through
-    from harness.machine import Machine
-    from harness.results import new_run_id
-    from harness.runner import make_plan, sweep_stale
-
-    plan, _ = make_plan(req)
-    sweep_stale()
-    log_dir = results.resolve() / ("boot-" + new_run_id(plan.kernel.release, plan.profile.name))
-    print(f"booting {plan.kernel.release} under {plan.profile.name} ({plan.accel}); "
-          f"console log {log_dir}/console.log; Ctrl-] leaves", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="harness-") as socks, \
-            Machine(plan, log_dir, name="harness-boot", sock_parent=Path(socks),
-                    console_sink=write_through) as machine:
-        status = attach(machine)
-    print(f"\r\nharness: guest stopped; console log {log_dir}/console.log", file=sys.stderr)
-    return 0 if status == 0 else 1
+    return boot(RunRequest(kernel=args.kernel, profile=args.profile, append=args.append,
+                           qemu_args=args.qemu_arg, boot_timeout=args.boot_timeout,
+                           params=parse_params(args.param, args.params), strict=args.strict,
+                           force=args.force), args.results)
 
 
 def _nightly(args: argparse.Namespace) -> int:
@@ -335,7 +313,8 @@ def _nightly(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare, history, load_run, render_history, render_html, render_text
+    from harness.compare import compare, load_run, render_history, render_html, render_text
+    from harness.rundir import history
 
     if args.last is not None:
         if args.last < 1:
@@ -361,48 +340,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from harness.kernel import file_sha256
-    from harness.results import read_meta
-    from harness.runner import RunRequest, run
+    from harness.reproduce import reproduce
 
-    result = args.result.resolve()
-    selection: list[str] = []
-    if result.parent.name == "tests" and (result.parent.parent / "meta.json").is_file():
-        # RESULT/tests/<name>: that one test, by the node id the run recorded for it.
-        from harness.results import read_records
-
-        run_dir = result.parent.parent
-        match = [r.nodeid for r in read_records(run_dir) if r.dirname == result.name]
-        if not match:
-            raise BadInput(f"{args.result}: no test of run {run_dir.name} is recorded under that name")
-        selection, result = match, run_dir
-    if not (result / "meta.json").is_file():
-        raise BadInput(f"{args.result}: not a run directory (no meta.json)")
-    meta = read_meta(result)
-    inv = meta.get("invocation")
-    if not isinstance(inv, dict):
-        raise BadInput(f"{result}/meta.json: no 'invocation' key to reproduce from")
-    image = Path(meta["kernel"]["image"])
-    if not image.is_file() or file_sha256(image) != meta["kernel"]["sha256"]:
-        raise BadInput(f"kernel {image} of run {meta['run_id']} is missing or changed since (sha256)")
-    if "target" in inv:
-        raise BadInput(f"{result}: a remote-target run is reproduced by running it again on its target")
-    tests_dir = Path(inv["tests"])
-    pytest_args = [str(tests_dir / n) for n in selection] if selection else list(inv["pytest_args"])
-    req = RunRequest(kernel=str(image), profile=inv["profile"], append=inv["append"],
-                     results=args.results or result.parent, tests=tests_dir,
-                     pytest_args=pytest_args, qemu_args=list(inv["qemu_args"]),
-                     timeout=float(inv["timeout"]), boot_timeout=inv.get("boot_timeout"),
-                     params=dict(inv.get("params") or {}), strict=bool(inv.get("strict")),
-                     force=bool(inv.get("force")), channel=str(inv.get("channel", "serial")),
-                     reproduces=meta["run_id"])
-    if args.shell:
-        print(f"booting {meta['run_id']} as recorded; the guest console is yours (Ctrl-] leaves)", flush=True)
-        return interactive_boot(req, req.results)
-    what = f"{selection[0]} of " if selection else ""
-    print(f"reproducing {what}{meta['run_id']}: {shlex.join(meta['command'])}", flush=True)
-    start = time.monotonic()
-    code = run(req, ["reproduce", str(result)])
-    print(f"reproduce of {meta['run_id']}: exit {code} (recorded exit {meta.get('exit_code')}) "
-          f"in {time.monotonic() - start:.1f}s")
-    return code
+    return reproduce(args.result, args.results, args.shell)

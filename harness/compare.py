@@ -2,14 +2,14 @@
 boot time and workload figures, with repeated runs counted (fail:runs) so a
 flaky test is called flaky, not a regression.
 
-Input: results/<run-id>/ directories (meta.json, tests.json). Runs are grouped
-by kernel release, in the order the kernels first appear.
+Input: results/<run-id>/ directories, read through their records (meta.json
+as rundir.RunRecord, tests.json). Runs are grouped by kernel release, in the
+order the kernels first appear.
 """
 
 from __future__ import annotations
 
 import html
-import sqlite3
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,8 @@ from typing import Any
 
 from harness.dmesg import errors, scan
 from harness.errors import BadInput
-from harness.results import read_meta, read_records
+from harness.results import read_records
+from harness.rundir import RunStatus, read_run
 
 
 @dataclass
@@ -25,8 +26,8 @@ class RunSummary:
     run_id: str
     path: Path
     kernel: str
-    profile: str
-    status: str
+    profile: str                              # requested, or requested->effective
+    status: RunStatus
     started: str
     boot: float | None
     tests: dict[str, str]                     # nodeid -> passed/failed/error/skipped
@@ -35,10 +36,8 @@ class RunSummary:
 
 
 def load_run(path: Path) -> RunSummary:
-    """One results directory. Raises BadInput if it is not one."""
-    if not (path / "meta.json").is_file():
-        raise BadInput(f"{path}: not a run directory (no meta.json)")
-    meta = read_meta(path)
+    """One results directory. Raises BadInput if it is not one, naming a corrupt meta.json."""
+    record = read_run(path)
     records = read_records(path)
     figures: dict[str, float] = {}
     ids: set[str] = set()
@@ -50,14 +49,10 @@ def load_run(path: Path) -> RunSummary:
                 figures[key] = float(value)
     for log in path.glob("dmesg*.txt"):
         ids.update(h.error_id for h in errors(scan(log.read_text(errors="replace").splitlines())))
-    profile = meta.get("profile", {})
     return RunSummary(
-        run_id=meta.get("run_id", path.name), path=path, kernel=str(meta.get("kernel", {}).get("release")),
-        profile=f"{profile.get('requested')}" + (f"->{profile.get('effective')}"
-                                                  if profile.get("effective") != profile.get("requested") else ""),
-        status=meta.get("status", "unknown"), started=meta.get("started", ""),
-        boot=(meta.get("timings") or {}).get("boot"), tests={r.nodeid: r.status for r in records},
-        figures=figures, dmesg_ids=ids)
+        run_id=record.run_id, path=path, kernel=str(record.kernel.release), profile=record.profile.label,
+        status=record.status, started=record.started, boot=record.timings.boot if record.timings else None,
+        tests={r.nodeid: r.status for r in records}, figures=figures, dmesg_ids=ids)
 
 
 @dataclass
@@ -243,42 +238,7 @@ def render_html(c: Comparison) -> str:
             f"</body></html>\n")
 
 
-# -- the run index ------------------------------------------------------------------
-
-INDEX = "index.sqlite"
-
-
-def index_run(results_root: Path, run: RunSummary) -> None:
-    """Add (or replace) one run in results_root/index.sqlite."""
-    with sqlite3.connect(results_root / INDEX, timeout=30) as db:
-        db.execute("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT, started TEXT, "
-                   "kernel TEXT, profile TEXT, status TEXT, boot REAL)")
-        db.execute("CREATE TABLE IF NOT EXISTS tests (run_id TEXT, nodeid TEXT, status TEXT, "
-                   "PRIMARY KEY (run_id, nodeid))")
-        db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (run.run_id, str(run.path), run.started, run.kernel, run.profile, run.status, run.boot))
-        db.execute("DELETE FROM tests WHERE run_id = ?", (run.run_id,))
-        db.executemany("INSERT INTO tests VALUES (?, ?, ?)", [(run.run_id, t, s) for t, s in run.tests.items()])
-
-
-def history(results_root: Path, last: int, test: str | None) -> list[dict[str, Any]]:
-    """The last N indexed runs (newest first), optionally with one test's status in each."""
-    path = results_root / INDEX
-    if not path.exists():
-        raise BadInput(f"{path}: no run index yet (runs written with `harness run` add themselves)")
-    with sqlite3.connect(path, timeout=30) as db:
-        db.row_factory = sqlite3.Row
-        rows = db.execute("SELECT * FROM runs ORDER BY started DESC, run_id DESC LIMIT ?", (last,)).fetchall()
-        out = []
-        for row in rows:
-            item = dict(row)
-            if test is not None:
-                hit = db.execute("SELECT nodeid, status FROM tests WHERE run_id = ? AND (nodeid = ? OR nodeid "
-                                 "LIKE ?)", (row["run_id"], test, f"%::{test}")).fetchone()
-                item["test"] = hit["nodeid"] if hit else test
-                item["test_status"] = hit["status"] if hit else "absent"
-            out.append(item)
-    return out
+# -- the run index's answers (harness/rundir.py keeps the index) --------------------
 
 
 def render_history(rows: list[dict[str, Any]], test: str | None) -> str:

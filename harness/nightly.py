@@ -39,6 +39,8 @@ from junitparser import JUnitXml
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
 from harness.machine import die_with_parent
 from harness.paths import atomic_write, load_yaml
+from harness.results import write_junit_xml
+from harness.rundir import is_run_dir
 
 _KEYS = {"kernels", "profiles", "suites", "timeout", "repeat", "retries", "entries"}
 _ENTRY_KEYS = {"kernel", "profile", "suite", "append", "qemu_args", "params", "timeout", "repeat", "name"}
@@ -169,7 +171,7 @@ def _run_entry(entry: Entry, repeat: int, retries: int, night: Path, progress: P
             message = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [""])[-1]
         except subprocess.TimeoutExpired:
             code, message = EXIT_INFRA, f"entry exceeded {entry.timeout + 300:.0f} s"
-        new = sorted(p for p in target.iterdir() if p.name not in before and (p / "meta.json").exists())
+        new = sorted(p for p in target.iterdir() if p.name not in before and is_run_dir(p))
         run_dir = str(new[-1]) if new else None
         if code != EXIT_INFRA:
             break
@@ -206,10 +208,7 @@ def merge_junit(outcomes: list[Outcome], path: Path) -> None:
             suite.add_testcase(case)
             suite.update_statistics()  # type: ignore[no-untyped-call]
             merged.add_testsuite(suite)
-    merged.update_statistics()  # type: ignore[no-untyped-call]
-    tmp = path.with_name(".junit.xml.tmp")
-    merged.write(str(tmp), pretty=True)
-    tmp.replace(path)
+    write_junit_xml(path, merged)
 
 
 def summary(outcomes: list[Outcome]) -> str:

@@ -37,6 +37,7 @@ from harness.machine import Machine
 from harness.plan import LaunchPlan
 from harness.qmp import QmpChannel
 from harness.results import TestRecord, write_records
+from harness.rundir import MachineRecord, MachineStatus, write_machine
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,6 @@ def run_info(request: pytest.FixtureRequest) -> RunInfo:
     return RunInfo(path, plan, _worker())
 
 
-def _write_machine_info(info: RunInfo, data: dict[str, Any]) -> None:
-    target = info.run_dir / "machines" / f"{info.worker}.json"
-    target.parent.mkdir(exist_ok=True)
-    target.write_text(json.dumps(data, indent=1) + "\n")
-
-
 @pytest.fixture(scope="session")
 def machine(run_info: RunInfo) -> Iterator[Machine]:
     """The booted VM of this pytest process. Boot failures raise (and are cached)."""
@@ -151,22 +146,21 @@ def machine(run_info: RunInfo) -> Iterator[Machine]:
     m = Machine(run_info.plan, run_info.run_dir, name=name,
                 sock_parent=Path(sock_parent) if sock_parent else None,
                 console_log=f"console{suffix}.log")
-    info: dict[str, Any] = {"name": name, "worker": run_info.worker, "console": m.console_path.name,
-                            "status": "booting"}
-    _write_machine_info(run_info, info)
+    record = MachineRecord(name=name, worker=run_info.worker, console=m.console_path.name)
+    write_machine(run_info.run_dir, record)
     try:
         m.launch()
-        info["argv"] = m.argv
+        record.argv = m.argv
         m.wait_boot()
     except BaseException as e:
         m.shutdown()
-        info.update(status="boot-failed", error=str(e), error_type=type(e).__name__,
-                    exit_status=m.exit_status, lines=list(getattr(e, "lines", ())))
-        _write_machine_info(run_info, info)
+        record.status, record.error, record.error_type = MachineStatus.BOOT_FAILED, str(e), type(e).__name__
+        record.exit_status, record.lines = m.exit_status, list(getattr(e, "lines", ()))
+        write_machine(run_info.run_dir, record)
         raise
-    info.update(status="booted", boot_seconds=round(m.boot_seconds or 0, 3), channel=run_info.plan.channel,
-                release=m.agent.release if m.agent else None)
-    _write_machine_info(run_info, info)
+    record.status, record.boot_seconds = MachineStatus.BOOTED, round(m.boot_seconds or 0, 3)
+    record.channel, record.release = run_info.plan.channel, m.agent.release if m.agent else None
+    write_machine(run_info.run_dir, record)
     try:
         yield m
     finally:
@@ -175,11 +169,11 @@ def machine(run_info: RunInfo) -> Iterator[Machine]:
                 dmesg = m.guest.run("dmesg", timeout=20)
                 (run_info.run_dir / f"dmesg{suffix}.txt").write_text(dmesg.stdout)
         except HarnessError as e:
-            info["dmesg_error"] = str(e)
+            record.dmesg_error = str(e)
         finally:
             m.shutdown()
-            info.update(status="stopped", exit_status=m.exit_status)
-            _write_machine_info(run_info, info)
+            record.status, record.exit_status = MachineStatus.STOPPED, m.exit_status
+            write_machine(run_info.run_dir, record)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The results layout: results/<run-id>/{meta.json, junit.xml, ...}.
+"""The guest tests' records in a run directory: tests.json and junit.xml
+(meta.json and the per-VM records are harness/rundir.py's).
 
 Test outcomes stay in three kinds: failed (the kernel under test misbehaved or
 an assertion about it failed), error (the harness or host broke), skipped
@@ -8,10 +9,9 @@ run that dies half-way leaves a well-formed file for what finished.
 
 from __future__ import annotations
 
+import io
 import json
 import re
-import secrets
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,20 +50,6 @@ class TestRecord:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.nodeid.replace(".py::", ".").replace("::", "."))
 
 
-def new_run_id(release: str, profile: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{profile}-{release}-{secrets.token_hex(2)}"
-
-
-def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
-    atomic_write(run_dir / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-def read_meta(run_dir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((run_dir / "meta.json").read_text())
-    return data
-
-
 def write_records(run_dir: Path, records: list[TestRecord]) -> None:
     atomic_write(run_dir / "tests.json", json.dumps([asdict(r) for r in records], indent=1) + "\n")
     write_junit(run_dir / "junit.xml", records, suite=run_dir.name)
@@ -92,10 +78,15 @@ def write_junit(path: Path, records: list[TestRecord], suite: str) -> None:
     ts.update_statistics()  # type: ignore[no-untyped-call]
     xml = JUnitXml()
     xml.add_testsuite(ts)
+    write_junit_xml(path, xml)
+
+
+def write_junit_xml(path: Path, xml: JUnitXml) -> None:
+    """Every JUnit file the harness writes goes through here: statistics updated, written atomically."""
     xml.update_statistics()  # type: ignore[no-untyped-call]
-    tmp = path.with_name(f".{path.name}.tmp")
-    xml.write(str(tmp), pretty=True)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    xml.write(buf, pretty=True)
+    atomic_write(path, buf.getvalue())
 
 
 def counts(records: list[TestRecord]) -> dict[str, int]:

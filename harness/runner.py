@@ -4,6 +4,10 @@ The guest tests run in a pytest child process (its own process group, dying
 with us through PDEATHSIG). The child boots the VM through the plugin, so
 `-n N` gives one VM per xdist worker. This process owns the run directory:
 meta.json before anything starts (status `incomplete`) and after the end.
+
+`run()` takes the host prober and the launcher of the guest tests as
+parameters, so the verdict (status, exit code, failure, what is printed) is
+tested with fakes in seconds; the defaults are the real probe and pytest child.
 """
 
 from __future__ import annotations
@@ -17,14 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from harness import __version__
-from harness.diagnostics import REMOTE_CONFIG, Diagnostics, diagnose, diagnose_image
-from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
+from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
+from harness.errors import EXIT_BAD_INPUT, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
 from harness.machine import die_with_parent
@@ -32,19 +35,33 @@ from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
 from harness.profiles import load_profile
-from harness.results import (
-    TestRecord,
-    counts,
-    exit_code_for,
+from harness.results import read_records, write_records
+from harness.rundir import (
+    FileRecord,
+    Invocation,
+    KernelRecord,
+    ProfileRecord,
+    QemuRecord,
+    RunRecord,
+    index_run,
     new_run_id,
-    read_records,
-    summary_table,
-    write_meta,
-    write_records,
+    read_machines,
+    timestamp,
+    write_run,
 )
 from harness.tools import build_tools
+from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
 
 SOCK_PREFIX = "harness-"
+
+Prober = Callable[[], HostCaps]
+
+
+class Launcher(Protocol):
+    def __call__(self, req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
+        """Run the guest tests of `req`, recording into run_dir (tests.json, machines/) with the VMs'
+        sockets under sock_parent. Returns pytest's exit status, or verdict.TIMED_OUT past req.timeout."""
+        ...
 
 
 @dataclass
@@ -69,13 +86,31 @@ class RunRequest:
     identity: Path | None = None
     known_hosts: Path | None = None
 
+    def invocation(self) -> Invocation:
+        """What meta.json records of this request (see `from_invocation`)."""
+        return Invocation(tests=str(self.tests), pytest_args=list(self.pytest_args), kernel=self.kernel,
+                          profile=self.profile, append=self.append, qemu_args=list(self.qemu_args),
+                          timeout=self.timeout, boot_timeout=self.boot_timeout, params=dict(self.params),
+                          strict=self.strict, force=self.force, channel=self.channel, target=self.target)
 
-def make_plan(req: RunRequest, caps: HostCaps | None = None) -> tuple[LaunchPlan, HostCaps]:
-    """Resolve profile, kernel and initramfs into a LaunchPlan. Raises BadInput/InfraError."""
+    @classmethod
+    def from_invocation(cls, inv: Invocation, kernel: str, results: Path, pytest_args: list[str],
+                        reproduces: str) -> RunRequest:
+        """A recorded request again, on the given kernel image, test selection and results root."""
+        return cls(kernel=kernel, profile=inv.profile, append=inv.append, results=results, tests=Path(inv.tests),
+                   pytest_args=pytest_args, qemu_args=list(inv.qemu_args), timeout=inv.timeout,
+                   boot_timeout=inv.boot_timeout, params=dict(inv.params), strict=inv.strict, force=inv.force,
+                   channel=inv.channel, reproduces=reproduces)
+
+
+def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan, HostCaps]:
+    """Resolve profile, kernel and initramfs into a LaunchPlan, on the host `prober` describes.
+
+    Raises BadInput/InfraError."""
     load_profile(req.profile)  # an unknown profile is bad input before any slow step
     if not req.tests.is_dir():
         raise BadInput(f"guest tests {req.tests}: no such directory")
-    caps = caps or probe_host()
+    caps = prober()
     if not caps.qemu.value:
         raise InfraError("QEMU not found: install qemu-system-x86 (or set HARNESS_QEMU)")
     choice = plan_profile(req.profile, req.params, caps, req.strict, req.force)
@@ -123,12 +158,12 @@ def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
     }
 
 
-def _firmware(plan: LaunchPlan, caps: HostCaps) -> dict[str, Any]:
+def _firmware(caps: HostCaps) -> dict[str, FileRecord]:
     # With no -bios/-pflash in the argv QEMU loads its default SeaBIOS image.
     path = caps.firmware.get("seabios")
     if path is None or not path.value:
         return {}
-    return {"seabios": {"path": path.value, "sha256": file_sha256(Path(str(path.value)))}}
+    return {"seabios": FileRecord(str(path.value), file_sha256(Path(str(path.value))))}
 
 
 def _reproduce_script(run_dir: Path) -> str:
@@ -191,30 +226,26 @@ def kill_machines(prefix: str) -> list[int]:
     return killed
 
 
-def run(req: RunRequest, argv: list[str]) -> int:
+def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher: Launcher | None = None) -> int:
+    """Run the guest tests as `req` asks; returns the exit code. Raises BadInput/InfraError before
+    a run directory exists (a selection of no tests removes the one it made).
+
+    `prober` reads the host's capabilities; `launcher` runs the guest tests (None: a pytest child).
+    """
     start = time.monotonic()
+    launch = launcher or _run_pytest
     if req.target is not None:
-        return _run_remote(req, argv, start)
-    plan, caps = make_plan(req)
+        return _run_remote(req, argv, start, launch)
+    plan, caps = make_plan(req, prober)
     if req.dry_run:
-        report = dry_run_report(plan)
-        if req.json:
-            print(json.dumps(report, indent=2))
-        else:
-            print(f"profile: {report['requested']} -> {report['effective']}")
-            for reason in report["reasons"]:
-                print(f"  fallback: {reason}")
-            print(f"accel: {plan.accel} ({plan.accel_reason})")
-            print(f"argv: {shlex.join(report['argv'])}")
-            if report["requested_argv"] != report["argv"]:
-                print(f"requested argv (capable host): {shlex.join(report['requested_argv'])}")
+        _print_dry_run(plan, req.json)
         return 0
     sweep_stale()
     run_id = new_run_id(plan.kernel.release, plan.profile.name)
     run_dir = req.results.resolve() / run_id
     run_dir.mkdir(parents=True)
-    meta = _initial_meta(run_id, plan, caps, req, argv)
-    write_meta(run_dir, meta)
+    record = _start_record(run_id, plan, caps, req, argv)
+    write_run(run_dir, record)
     atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
     atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
     write_records(run_dir, [])
@@ -222,22 +253,40 @@ def run(req: RunRequest, argv: list[str]) -> int:
           f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
     if plan.fell_back:
         print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
-    _print_diagnostics(meta)
-    return _execute(req, run_dir, meta, start)
+    print_diagnostics(plan.diagnostics)
+    return _execute(req, run_dir, record, start, launch)
 
 
-def _print_diagnostics(meta: dict[str, Any]) -> None:
-    """What the kernel can report; a kernel whose tests cannot fail is said loudly."""
-    diag = meta["kernel"].get("diagnostics")
-    if not diag:
+def _print_dry_run(plan: LaunchPlan, as_json: bool) -> None:
+    report = dry_run_report(plan)
+    if as_json:
+        print(json.dumps(report, indent=2))
         return
-    for problem in diag["problems"]:
-        print(f"WARNING: {problem}: no test on it can fail on a WARN or BUG it hits", flush=True)
-    for note in diag["notes"]:
-        print(f"note: {note}", flush=True)
+    print(f"profile: {report['requested']} -> {report['effective']}")
+    for reason in report["reasons"]:
+        print(f"  fallback: {reason}")
+    print(f"accel: {plan.accel} ({plan.accel_reason})")
+    print(f"argv: {shlex.join(report['argv'])}")
+    if report["requested_argv"] != report["argv"]:
+        print(f"requested argv (capable host): {shlex.join(report['requested_argv'])}")
 
 
-def _run_remote(req: RunRequest, argv: list[str], start: float) -> int:
+def _start_record(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest, argv: list[str]) -> RunRecord:
+    version = caps.qemu_version.value
+    return RunRecord(
+        run_id=run_id, started=timestamp(), command=["harness", *argv], invocation=req.invocation(),
+        reproduces=req.reproduces, host=caps.to_json(),
+        qemu=QemuRecord(plan.qemu, str(version) if version is not None else None), firmware=_firmware(caps),
+        kernel=KernelRecord.of(plan.kernel, plan.diagnostics), series=list(plan.kernel.series),
+        initramfs=FileRecord(str(plan.initrd), plan.initrd_sha256),
+        profile=ProfileRecord(plan.requested, plan.profile.name, list(plan.reasons), plan.accel, plan.accel_reason,
+                              params=dict(plan.profile.params),
+                              requested_params=dict(plan.requested_profile.params)),
+        cmdline=plan.cmdline,
+    )
+
+
+def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher) -> int:
     """Run the guest tests on an existing machine over SSH: no QEMU, same tests."""
     from harness.ssh import parse_target
 
@@ -255,77 +304,47 @@ def _run_remote(req: RunRequest, argv: list[str], start: float) -> int:
     info = {"url": target.url, "identity": str(req.identity.resolve()),
             "known_hosts": str(req.known_hosts.resolve()) if req.known_hosts else None, "release": release}
     atomic_write(run_dir / "target.json", json.dumps(info, indent=1) + "\n")
-    meta: dict[str, Any] = {
-        "run_id": run_id, "status": "incomplete", "harness_version": __version__,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": ["harness", *argv],
-        "target": target.url, "kernel": {"release": release, "spec": req.kernel},
-        "profile": {"requested": "remote", "effective": "remote", "reasons": [], "accel": None},
-        "invocation": {"target": target.url, "pytest_args": req.pytest_args, "tests": str(req.tests)},
-    }
-    write_meta(run_dir, meta)
+    record = RunRecord(run_id=run_id, started=timestamp(), command=["harness", *argv], target=target.url,
+                       kernel=KernelRecord(release=release, spec=req.kernel),
+                       profile=ProfileRecord("remote", "remote"), invocation=req.invocation())
+    write_run(run_dir, record)
     write_records(run_dir, [])
     print(f"run {run_id}: remote target {target.url}", flush=True)
-    return _execute(req, run_dir, meta, start)
+    return _execute(req, run_dir, record, start, launch)
 
 
-def _execute(req: RunRequest, run_dir: Path, meta: dict[str, Any], start: float) -> int:
+def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher) -> int:
     sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     (sock_parent / "owner.pid").write_text(str(os.getpid()))
-    status, code, note = "error", EXIT_INFRA, ""
+    verdict = Verdict.infra("")
     tests_start = time.monotonic()
     try:
-        rc = _run_pytest(req, run_dir, sock_parent)
-        status, code, note = _judge(rc, read_records(run_dir), req)
+        rc = launch(req, run_dir, sock_parent)
+        verdict = judge(rc, read_records(run_dir), req.invocation())
     except (KeyboardInterrupt, Terminated) as e:
-        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
-        status, code, note = "interrupted", 128 + signum, f"interrupted by signal {signum}"
+        verdict = Verdict.interrupted(e.signum if isinstance(e, Terminated) else signal.SIGINT)
     finally:
         kill_machines(sock_parent.name)
         shutil.rmtree(sock_parent, ignore_errors=True)
-        if code == EXIT_BAD_INPUT:
+        if verdict.exit_code == EXIT_BAD_INPUT:
             shutil.rmtree(run_dir, ignore_errors=True)
-    if code == EXIT_BAD_INPUT:
-        raise BadInput(note)
+    if verdict.exit_code == EXIT_BAD_INPUT:
+        raise BadInput(verdict.note)
     records = read_records(run_dir)
-    machines = _machines(run_dir)
     remote_config = run_dir / REMOTE_CONFIG
     if remote_config.is_file():
-        meta["kernel"]["diagnostics"] = diagnose(remote_config.read_text(errors="replace"),
-                                                 f"{meta.get('target')}: /proc/config.gz or /boot/config-*").to_json()
-    _finish_meta(meta, run_dir, status, code, note, records, machines,
-                 tests=time.monotonic() - tests_start, total=time.monotonic() - start)
-    _print_summary(run_dir, meta, records, machines)
-    _index(run_dir)
-    return code
-
-
-def _initial_meta(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest,
-                  argv: list[str]) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "status": "incomplete",
-        "harness_version": __version__,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": ["harness", *argv],
-        "invocation": {
-            "kernel": req.kernel, "profile": req.profile, "append": req.append,
-            "pytest_args": req.pytest_args, "qemu_args": req.qemu_args, "tests": str(req.tests),
-            "timeout": req.timeout, "boot_timeout": req.boot_timeout, "params": req.params,
-            "strict": req.strict, "force": req.force, "channel": req.channel,
-        },
-        "reproduces": req.reproduces,
-        "host": caps.to_json(),
-        "qemu": {"path": plan.qemu, "version": caps.qemu_version.value},
-        "firmware": _firmware(plan, caps),
-        "kernel": {**plan.kernel.to_json(), "diagnostics": plan.diagnostics.to_json()},
-        "series": list(plan.kernel.series),
-        "initramfs": {"path": str(plan.initrd), "sha256": plan.initrd_sha256},
-        "profile": {"requested": plan.requested, "effective": plan.profile.name,
-                    "reasons": list(plan.reasons), "accel": plan.accel, "params": dict(plan.profile.params),
-                    "requested_params": dict(plan.requested_profile.params),
-                    "accel_reason": plan.accel_reason},
-        "cmdline": plan.cmdline,
-    }
+        record.kernel.diagnostics = diagnose(remote_config.read_text(errors="replace"),
+                                             f"{record.target}: /proc/config.gz or /boot/config-*")
+    finish(record, verdict, records, read_machines(run_dir),
+           tests=time.monotonic() - tests_start, total=time.monotonic() - start)
+    write_run(run_dir, record)
+    print_summary(run_dir, record, records)
+    try:
+        # The index serves `harness compare --last N --test NAME`; a run never fails over it.
+        index_run(run_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: run not added to {run_dir.parent}/index.sqlite: {e}", file=sys.stderr)
+    return verdict.exit_code
 
 
 def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
@@ -367,88 +386,3 @@ def _stop_group(child: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _judge(rc: int, records: list[TestRecord], req: RunRequest) -> tuple[str, int, str]:
-    if rc == -1:
-        return "error", EXIT_INFRA, f"internal timeout: guest tests exceeded --timeout {req.timeout:.0f} s"
-    if rc == 5:
-        selection = shlex.join(req.pytest_args)
-        return "error", EXIT_BAD_INPUT, f"no guest tests selected in {req.tests} by {selection}"
-    if rc == 4:
-        return "error", EXIT_BAD_INPUT, f"pytest rejected the arguments {shlex.join(req.pytest_args)}"
-    if rc == 2:
-        return "interrupted", 128 + signal.SIGINT, "guest tests interrupted"
-    if rc not in (0, 1):
-        return "error", EXIT_INFRA, f"pytest exited with status {rc}"
-    code = exit_code_for(records)
-    return {0: "passed", 1: "failed", 3: "error"}[code], code, ""
-
-
-def _machines(run_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted((run_dir / "machines").glob("*.json")):
-        try:
-            out.append(json.loads(path.read_text()))
-        except ValueError:
-            continue
-    return out
-
-
-def _finish_meta(meta: dict[str, Any], run_dir: Path, status: str, code: int, note: str,
-                 records: list[TestRecord], machines: list[dict[str, Any]], tests: float,
-                 total: float) -> None:
-    boots = [m["boot_seconds"] for m in sorted(machines, key=lambda m: m.get("worker", ""))
-             if m.get("boot_seconds") is not None]
-    failures = [m for m in machines if m.get("status") == "boot-failed"]
-    meta.update(
-        status=status, exit_code=code, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        timings={"boot": boots[0] if boots else None, "tests": round(tests, 3), "total": round(total, 3)},
-        machines=machines, tests=counts(records),
-    )
-    first_bad = next((r for r in records if r.status in ("failed", "error")), None)
-    if failures:
-        meta["failure"] = {"message": failures[0].get("error"), "kind": failures[0].get("error_type"),
-                           "lines": failures[0].get("lines", [])[-20:]}
-    elif note:
-        meta["failure"] = {"message": note}
-    elif first_bad is not None:
-        meta["failure"] = {"message": first_bad.message, "test": first_bad.nodeid, "kind": first_bad.status}
-    write_meta(run_dir, meta)
-
-
-def _index(run_dir: Path) -> None:
-    # The index serves `harness compare --last N --test NAME`; a run never fails over it.
-    from harness.compare import index_run, load_run
-
-    try:
-        index_run(run_dir.parent, load_run(run_dir))
-    except Exception as e:  # noqa: BLE001
-        print(f"warning: run not added to {run_dir.parent}/index.sqlite: {e}", file=sys.stderr)
-
-
-def _print_summary(run_dir: Path, meta: dict[str, Any], records: list[TestRecord],
-                   machines: list[dict[str, Any]]) -> None:
-    print()
-    print(summary_table(records))
-    prof = meta["profile"]
-    if meta.get("target"):
-        print(f"remote target {meta['target']}")
-    print(f"kernel {meta['kernel']['release']}  profile {prof['requested']}"
-          + (f" -> {prof['effective']} (fallback)" if prof["effective"] != prof["requested"] else "")
-          + f"  accel {prof['accel']}")
-    for reason in prof["reasons"]:
-        print(f"  {'forced despite' if prof['effective'] == prof['requested'] else 'because'}: {reason}")
-    diag = meta["kernel"].get("diagnostics")
-    if diag:
-        print(f"kernel {Diagnostics.from_json(diag).summary()}")
-        _print_diagnostics(meta)
-    t = meta["timings"]
-    boot = f"{t['boot']:.2f}s" if t["boot"] is not None else "-"
-    print(f"boot {boot}  tests {t['tests']:.2f}s  total {t['total']:.2f}s")
-    failure = meta.get("failure")
-    if failure:
-        print(f"{meta['status'].upper()}: {failure['message']}")
-        for line in failure.get("lines", [])[-8:]:
-            print(f"  | {line}")
-    print(f"status {meta['status']} (exit {meta['exit_code']}); results: {run_dir}")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.compare import compare, failing_since, history, index_run, load_run, render_html, render_text
-from harness.results import TestRecord, write_meta, write_records
+from harness.compare import compare, failing_since, load_run, render_html, render_text
+from harness.results import TestRecord, write_records
+from harness.rundir import KernelRecord, ProfileRecord, RunRecord, RunStatus, Timings, history, index_run, write_run
 from tests.conftest import Cli
 
 
@@ -15,8 +16,8 @@ def fake_run(root: Path, name: str, kernel: str, statuses: dict[str, str], boot:
              started: str, ids: list[str] | None = None, mbps: float | None = None) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    write_meta(run, {"run_id": name, "status": "passed", "started": started, "kernel": {"release": kernel},
-                     "profile": {"requested": "emulated", "effective": "emulated"}, "timings": {"boot": boot}})
+    write_run(run, RunRecord(run_id=name, status=RunStatus.PASSED, started=started, kernel=KernelRecord(kernel),
+                             profile=ProfileRecord("emulated", "emulated"), timings=Timings(boot)))
     records = []
     for nodeid, status in statuses.items():
         rec = TestRecord(nodeid, status)
@@ -58,7 +59,7 @@ def test_index_answers_when_a_test_started_failing(tmp_path: Path) -> None:
     statuses = ["passed", "passed", "failed", "failed", "failed"]
     for i, status in enumerate(statuses):
         run = fake_run(tmp_path, f"run{i}", f"6.12.{i}", {"t.py::hp": status}, 2.0, f"2026-11-0{i + 1}T00:00:00")
-        index_run(tmp_path, load_run(run))
+        index_run(run)
     rows = history(tmp_path, 10, "hp")
     assert [r["test_status"] for r in rows] == list(reversed(statuses))
     assert failing_since(rows, "hp") == "hp has failed since run2 (kernel 6.12.2)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -183,3 +184,61 @@ def test_sysfs_parsers() -> None:
     devs = parse_pci_listing("0000:00:03.0 0x1234 0x11e8 - 0\n0000:00:04.0 0x1b36 0x0010 nvme 1\nbad line\n")
     assert [(d.bdf, d.driver, d.enabled) for d in devs] == [("0000:00:03.0", None, False),
                                                              ("0000:00:04.0", "nvme", True)]
+
+
+def test_a_corrupt_meta_json_is_bad_input_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.cli import main
+    from harness.rundir import read_run
+
+    run_dir = tmp_path / "20261101-000000-emulated-6.12-abcd"
+    run_dir.mkdir()
+    for text, problem in (('{"run_id": "x", "status": "pas', "not valid JSON"),
+                          ('{"run_id": "x", "profile": {"requested": "emulated"}}', "profile.effective: missing"),
+                          ('{"run_id": "x", "profile": {"requested": "a", "effective": "a"}, "status": "done"}',
+                           "status: 'done' is not one of incomplete, passed")):
+        (run_dir / "meta.json").write_text(text)
+        with pytest.raises(BadInput, match=problem) as e:
+            read_run(run_dir)
+        assert str(e.value).startswith(f"{run_dir / 'meta.json'}: ")
+        for command in (["compare", str(run_dir)], ["reproduce", str(run_dir)]):
+            assert main(command) == 2
+            assert capsys.readouterr().err.startswith(f"harness: {run_dir / 'meta.json'}: ")
+
+
+def test_run_and_machine_records_read_back_as_written(tmp_path: Path) -> None:
+    from harness.diagnostics import Diagnostics
+    from harness.rundir import (
+        Failure,
+        FileRecord,
+        Invocation,
+        KernelRecord,
+        MachineRecord,
+        MachineStatus,
+        ProfileRecord,
+        RunRecord,
+        RunStatus,
+        Timings,
+        read_machines,
+        read_run,
+        write_machine,
+        write_run,
+    )
+
+    machine = MachineRecord("harness-gw1", "gw1", "console-gw1.log", MachineStatus.BOOT_FAILED, argv=["qemu"],
+                            exit_status=-9, error="no userspace within 8 s", error_type="BootFailure", lines=["x"])
+    record = RunRecord(
+        run_id="r", profile=ProfileRecord("snp", "coco-emulated", ["sev_snp: no"], "tcg", "kvm unusable", {}, {}),
+        status=RunStatus.FAILED, invocation=Invocation(tests="guest_tests", params={"memory": "1G"}),
+        kernel=KernelRecord("6.12", "k.yaml", "/k/bzImage", "00" * 32, None, None, ["a patch"],
+                            Diagnostics("config", {"printk": True, "warn_bug": True})),
+        initramfs=FileRecord("/i.cpio", "11" * 32), exit_code=1, timings=Timings(None, 1.0, 2.5),
+        machines=[machine], tests={"failed": 1}, failure=Failure("boom", kind="BootFailure", lines=["x"]))
+    write_run(tmp_path, record)
+    write_machine(tmp_path, machine)
+    assert read_run(tmp_path) == record and read_machines(tmp_path) == [machine]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    # Keys whose presence means something are absent while unknown: not a remote run, no host probed yet.
+    assert "target" not in meta and "host" not in meta and "target" not in meta["invocation"]
+    assert meta["kernel"]["diagnostics"]["problems"] == [] and meta["profile"]["effective"] == "coco-emulated"
+    (tmp_path / "machines" / "gw2.json").write_text("{")
+    assert read_machines(tmp_path) == [machine]  # named on stderr, left out
