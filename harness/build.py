@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import BadInput, InfraError, KernelFault
+from harness.hashing import file_sha256
 from harness.paths import KCONFIGS_DIR, atomic_write, cache_dir, load_yaml
 
 FORMAT = "build-v1"
@@ -196,11 +197,7 @@ def _file_identity(path: Path) -> str:
         known = {}
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     if key not in known:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        known[key] = h.hexdigest()
+        known[key] = file_sha256(path)
         atomic_write(ids, json.dumps(known, indent=1))
     return str(known[key])
 
