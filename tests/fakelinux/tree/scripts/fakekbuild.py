@@ -129,42 +129,13 @@ def read_options(path: Path, symbols: list[Symbol], into: dict[str, str] | None 
 
 
 class Tree:
+    """The source tree (only read) and the object tree O= (written): .config, objects, images."""
+
     def __init__(self, srctree: Path, objtree: Path, kernelversion: str) -> None:
         self.src = srctree
         self.obj = objtree
         self.kernelversion = kernelversion
         self.config = objtree / ".config"
-
-    # -- configuration ------------------------------------------------------------
-
-    def configure(self, target: str) -> int:
-        if self.obj != self.src and (self.src / ".config").exists():
-            print(f"***\n*** The source tree is not clean, please run 'make mrproper'\n*** in {self.src}\n***")
-            return 2
-        symbols = read_kconfig(self.src)
-        user: dict[str, str] = {}
-        if target in ("allnoconfig", "tinyconfig"):
-            user = {s.name: "n" for s in symbols if s.prompt and s.type != "string"}
-        if target == "tinyconfig":
-            for rel in ("kernel/configs/tiny.config", "arch/x86/configs/tiny.config"):
-                if (self.src / rel).is_file():
-                    read_options(self.src / rel, symbols, user)
-        elif target == "defconfig":
-            read_options(self.src / "arch/x86/configs/x86_64_defconfig", symbols, user)
-        elif target == "olddefconfig" and self.config.is_file():
-            read_options(self.config, symbols, user)
-        values = resolve(symbols, user)
-        lines = ["#", "# Automatically generated file; DO NOT EDIT.",
-                 f"# Linux/x86_64 {self.kernelversion} Kernel Configuration", "#"]
-        for sym in symbols:
-            value = values[sym.name]
-            if value is None or value == "n" and not sym.prompt:
-                continue
-            lines.append(f"# CONFIG_{sym.name} is not set" if value == "n" else f"CONFIG_{sym.name}={value}")
-        self.obj.mkdir(parents=True, exist_ok=True)
-        self.config.write_text("\n".join(lines) + "\n")
-        print("#\n# configuration written to .config\n#")
-        return 0
 
     def options(self) -> dict[str, str]:
         if not self.config.is_file():
@@ -291,6 +262,37 @@ class Tree:
         return 0
 
 
+def configure(tree: Tree, target: str) -> int:
+    """Write OBJTREE/.config for a config target, as kconfig would."""
+    if tree.obj != tree.src and (tree.src / ".config").exists():
+        print(f"***\n*** The source tree is not clean, please run 'make mrproper'\n*** in {tree.src}\n***")
+        return 2
+    symbols = read_kconfig(tree.src)
+    user: dict[str, str] = {}
+    if target in ("allnoconfig", "tinyconfig"):
+        user = {s.name: "n" for s in symbols if s.prompt and s.type != "string"}
+    if target == "tinyconfig":
+        for rel in ("kernel/configs/tiny.config", "arch/x86/configs/tiny.config"):
+            if (tree.src / rel).is_file():
+                read_options(tree.src / rel, symbols, user)
+    elif target == "defconfig":
+        read_options(tree.src / "arch/x86/configs/x86_64_defconfig", symbols, user)
+    elif target == "olddefconfig" and tree.config.is_file():
+        read_options(tree.config, symbols, user)
+    values = resolve(symbols, user)
+    lines = ["#", "# Automatically generated file; DO NOT EDIT.",
+             f"# Linux/x86_64 {tree.kernelversion} Kernel Configuration", "#"]
+    for sym in symbols:
+        value = values[sym.name]
+        if value is None or value == "n" and not sym.prompt:
+            continue
+        lines.append(f"# CONFIG_{sym.name} is not set" if value == "n" else f"CONFIG_{sym.name}={value}")
+    tree.obj.mkdir(parents=True, exist_ok=True)
+    tree.config.write_text("\n".join(lines) + "\n")
+    print("#\n# configuration written to .config\n#")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--srctree", type=Path, required=True)
@@ -303,7 +305,7 @@ def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     tree = Tree(args.srctree, args.objtree, args.kernelversion)
     if args.step == "config":
-        return tree.configure(args.target)
+        return configure(tree, args.target)
     if args.step == "kernelrelease":
         print(tree.release())
         return 0
