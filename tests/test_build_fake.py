@@ -1,8 +1,8 @@
 """`harness build` on the fake kernel tree (tests/fakelinux), in seconds: the cache,
-an edited patch, the per-patch report, dropped options, a patch that does not
-apply, each kind of source, build specs, and the parsers behind them. The fake
-tree's make answers the targets the build uses (its Makefile says how); what
-only a real kernel shows is in test_build.py."""
+an edited patch, the per-patch report, dropped options, patches that do not
+apply, each kind of source, a build spec. The fake tree's make answers the
+targets the build uses (its README says how). The inputs' parsers are tested in
+test_build_inputs.py; what only a real kernel shows, in test_build.py."""
 
 from __future__ import annotations
 
@@ -10,24 +10,12 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from harness.build import (
-    BuildFailed,
-    BuildSpec,
-    build,
-    dropped_options,
-    load_fragment,
-    load_series,
-    load_spec,
-    parse_fragment,
-    resolve_source,
-)
-from harness.build.command import run
-from harness.errors import BadInput, InfraError
+from harness.build import BuildFailed, BuildSpec, build, resolve_source
+from harness.errors import BadInput
 from harness.hashing import file_sha256
 from harness.kernel import bzimage_release, resolve_kernel
 from harness.paths import cache_dir
@@ -48,9 +36,8 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def fake_spec(series: Path | None = SERIES / "sample", *configs: str) -> BuildSpec:
-    return BuildSpec(source=str(TREE), series=str(series) if series else None,
-                     configs=list(configs or [SAMPLE_CONFIG]))
+def fake_spec(series: Path = SERIES / "sample") -> BuildSpec:
+    return BuildSpec(source=str(TREE), series=str(series), configs=[SAMPLE_CONFIG])
 
 
 def cached_trees_are_clean() -> None:
@@ -68,14 +55,6 @@ def compiled(log: Path, section: str) -> list[str]:
     start = text.index(f"\n### {section}: ")
     end = text.find("\n### ", start + 1)
     return re.findall(r"^  CC(?: \[M\])?\s+(\S+)$", text[start:end if end > 0 else None], re.M)
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for a parent that may never reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def report_rows(stderr: str) -> list[str]:
@@ -190,49 +169,6 @@ def test_dropped_options_say_unmet_dependency_or_no_such_symbol(cli: Cli) -> Non
     assert "build: warning: CONFIG_SEV_GUEST: requested y" in anyway.stderr
 
 
-def test_dropped_options_is_pure_and_asks_only_about_dropped_ones(tmp_path: Path) -> None:
-    frag = tmp_path / "f.config"
-    frag.write_text("CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\nCONFIG_D=\"x\"\n")
-    later = tmp_path / "g.config"
-    later.write_text("CONFIG_A=m\n")
-    asked: list[str] = []
-
-    def has_symbol(name: str) -> bool:
-        asked.append(name)
-        return name != "D"
-
-    final = {"CONFIG_A": "m", "CONFIG_B": "y", "CONFIG_C": "n"}
-    dropped = dropped_options([load_fragment(str(frag)), load_fragment(str(later))], final, has_symbol)
-    assert [str(d) for d in dropped] == [
-        "CONFIG_B: requested m, got y (probably an unmet dependency)",
-        "CONFIG_D: requested \"x\", got not set (no such option in this tree's Kconfig)"]
-    assert asked == ["B", "D"]  # a later fragment wins (A=m holds), a missing one is "not set"
-
-
-def test_fragments_parse_and_name_their_base() -> None:
-    text = "# harness-base: defconfig\n# why\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\n"
-    base, options = parse_fragment(text)
-    assert base == "defconfig" and options == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": '"x"'}
-    for name in ("base", "coco-guest", "debug", "dma-bench"):
-        frag = load_fragment(name)
-        # every option carries a comment line saying why it is there
-        lines = frag.text.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith("CONFIG_"):
-                assert any(x.startswith("#") for x in lines[max(0, i - 6):i]), (name, line)
-    with pytest.raises(BadInput, match="not a file and not in kconfigs/"):
-        load_fragment("no-such-fragment")
-
-
-def test_fragment_errors(tmp_path: Path) -> None:
-    (tmp_path / "a.config").write_text("# harness-base: allyesconfig\nCONFIG_A=y\n")
-    with pytest.raises(BadInput, match="harness-base 'allyesconfig' must be tinyconfig, defconfig or allnoconfig"):
-        load_fragment(str(tmp_path / "a.config"))
-    (tmp_path / "b.config").write_text("# only words\n")
-    with pytest.raises(BadInput, match="no CONFIG_ options"):
-        load_fragment(str(tmp_path / "b.config"))
-
-
 def test_the_first_named_base_is_configured(tmp_path: Path) -> None:
     frag = tmp_path / "defconfig.config"
     frag.write_text("# harness-base: defconfig\n# the fake defconfig enables modules; printk stays on\n"
@@ -282,31 +218,6 @@ def test_missing_inputs_are_bad_input(cli: Cli, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "not a tarball" in proc.stderr
 
 
-def test_series_directory_follows_its_series_file(tmp_path: Path) -> None:
-    patches = load_series(str(REPO / "kernels" / "coco-sample"), tmp_path)
-    assert [p.subject for p in patches] == [
-        "swiotlb: announce the CoCo harness sample series at boot",
-        "swiotlb: add a read-only harness_series attribute to debugfs",
-        "swiotlb: report the pool size in harness_series",
-    ]
-    (tmp_path / "s").mkdir()
-    for p in sorted((REPO / "kernels" / "coco-sample").glob("*.patch")):
-        (tmp_path / "s" / p.name).write_bytes(p.read_bytes())
-    (tmp_path / "s" / "series").write_text("# reversed\n0003-swiotlb-report-the-pool-size-in-harness_series.patch\n")
-    assert [p.subject for p in load_series(str(tmp_path / "s"), tmp_path)] == [
-        "swiotlb: report the pool size in harness_series"]
-    (tmp_path / "s" / "series").write_text("0009-missing.patch\n")
-    with pytest.raises(BadInput, match="lists 0009-missing.patch"):
-        load_series(str(tmp_path / "s"), tmp_path)
-
-
-def test_mbox_is_split_into_its_patches(tmp_path: Path) -> None:
-    mbox = tmp_path / "series.mbox"
-    mbox.write_bytes(b"".join(p.read_bytes() for p in sorted((REPO / "kernels" / "coco-sample").glob("*.patch"))))
-    patches = load_series(str(mbox), tmp_path / "w")
-    assert len(patches) == 3 and patches[1].subject.startswith("swiotlb: add a read-only")
-
-
 def test_an_mbox_builds_like_its_directory(tmp_path: Path) -> None:
     mbox = tmp_path / "sample.mbox"
     mbox.write_bytes(b"".join(p.read_bytes() for p in sorted((SERIES / "sample").glob("*.patch"))))
@@ -315,16 +226,6 @@ def test_an_mbox_builds_like_its_directory(tmp_path: Path) -> None:
     assert [p["file"] for p in patches] == [f"{mbox}#1", f"{mbox}#2"]
     # Same patches, same bytes: the same kernel (the key is the patches' hashes, not their files).
     assert build(fake_spec(), progress=lambda _: None).artifact == from_mbox.artifact
-
-
-def test_series_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(BadInput, match="no such file"):
-        load_series(str(tmp_path / "nope"), tmp_path)
-    with pytest.raises(BadInput, match="b4 is not installed|b4 could not fetch"):
-        load_series("20261121.12345-1-dev@example.org", tmp_path)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(BadInput, match="no \\*.patch files and no series file"):
-        load_series(str(tmp_path / "empty"), tmp_path)
 
 
 # -- sources ---------------------------------------------------------------------------------
@@ -390,52 +291,16 @@ def test_a_build_that_fails_without_per_patch_names_the_first_errors(tmp_path: P
 # -- build specs ------------------------------------------------------------------------------
 
 
-def test_build_spec_paths_are_relative_to_the_spec(tmp_path: Path, cli: Cli) -> None:
+def test_a_build_spec_builds_with_paths_relative_to_it(tmp_path: Path, cli: Cli) -> None:
     shutil.copytree(TREE, tmp_path / "src" / "linux")
     shutil.copytree(SERIES / "sample", tmp_path / "specs" / "series")
     shutil.copy(SAMPLE_CONFIG, tmp_path / "specs" / "sample.config")
     spec_file = tmp_path / "specs" / "fake.yaml"
-    spec_file.write_text("source: ../src/linux\nseries: series\nconfigs: [base, sample.config]\n")
-    spec = load_spec(spec_file)
-    assert spec == BuildSpec(source=str(tmp_path / "src" / "linux"), series=str(tmp_path / "specs" / "series"),
-                             configs=["base", str(tmp_path / "specs" / "sample.config")])
-    spec_file.write_text(f"source: {TREE}@v6.12\nseries: 20261121.12345-1-dev@example.org\n")
-    assert load_spec(spec_file) == BuildSpec(source=f"{TREE}@v6.12", series="20261121.12345-1-dev@example.org",
-                                             configs=["base"])
     spec_file.write_text("source: ../src/linux\nseries: series\nconfigs: [sample.config]\n")
     proc = cli("build", str(spec_file), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)[0]["release"] == RELEASE
-
-
-@pytest.mark.parametrize(("text", "error"), [
-    ("series: x\n", "needs a 'source' key"),
-    ("source: x\nconfig: [base]\n", "unknown key 'config'"),
-    ("source: x\nconfigs: base\n", "key 'configs' must be a list"),
-    ("source: [x\n", "malformed YAML"),
-])
-def test_build_spec_errors(tmp_path: Path, text: str, error: str) -> None:
-    (tmp_path / "spec.yaml").write_text(text)
-    with pytest.raises(BadInput, match=re.escape(error)):
-        load_spec(tmp_path / "spec.yaml")
-
-
-# -- the one door to other programs -------------------------------------------------------------
-
-
-def test_commands_have_a_deadline_that_takes_their_process_group_down(tmp_path: Path) -> None:
-    pid_file = tmp_path / "pid"
-    start = time.monotonic()
-    with pytest.raises(InfraError, match=r"still running after 0s, killed"):
-        run(["sh", "-c", f"sleep 30 & echo $! > {pid_file}; wait"], timeout=0.3)
-    assert time.monotonic() - start < 5
-    grandchild = int(pid_file.read_text())
-    deadline = time.monotonic() + 5
-    while alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(grandchild), "the background sleep outlived the deadline"
-    lines: list[str] = []
-    done = run(["sh", "-c", "echo one; echo two >&2; exit 3"], on_line=lines.append)
-    assert done.status == 3 and lines == ["one", "two"] and done.stdout == b""
-    with pytest.raises(InfraError, match="no-such-program: not found"):
-        run(["no-such-program"])
+    result = json.loads(proc.stdout)[0]
+    assert result["release"] == RELEASE
+    meta = json.loads((Path(result["artifact"]) / "harness-build.json").read_text())
+    assert meta["source"]["spec"] == str(tmp_path / "src" / "linux")
+    assert meta["fragments"] == [str(tmp_path / "specs" / "sample.config")]
