@@ -9,7 +9,6 @@ postinst would do that on a real install). `debian:linux-image-cloud-amd64`
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import BadInput, InfraError
+from harness.hashing import file_sha256 as file_sha256  # runner and cli import it from here
 from harness.paths import cache_dir
 
 # Debian's current cloud kernel: the prebuilt kernel tests and benches boot
@@ -66,14 +66,6 @@ class Kernel:
 
 def _as_list(value: object) -> list[object]:
     return list(value) if isinstance(value, (list, tuple)) else []
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bzimage_release(path: Path) -> str:

@@ -1,0 +1,99 @@
+"""Config fragments and .config files, and which requested options did not survive.
+
+Pure text in, data out: the one question that needs a kernel tree (does this
+Kconfig symbol exist at all?) is asked through a callable the caller passes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import BadInput
+from harness.paths import KCONFIGS_DIR
+
+BASES = ("tinyconfig", "defconfig", "allnoconfig")
+_OPTION = re.compile(r"^(CONFIG_\w+)=(.*)$|^# (CONFIG_\w+) is not set$")
+
+
+@dataclass(frozen=True)
+class Fragment:
+    name: str
+    path: Path
+    base: str | None           # "tinyconfig" / "defconfig" from `# harness-base:`
+    options: dict[str, str]    # CONFIG_X -> "y" / "m" / "\"str\"" / "n"
+    text: str = field(repr=False)
+
+
+def parse_fragment(text: str) -> tuple[str | None, dict[str, str]]:
+    """`# harness-base: tinyconfig` and the CONFIG_ lines of a fragment."""
+    base = None
+    options: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.match(r"#\s*harness-base:\s*(\S+)", line)
+        if m:
+            base = m.group(1)
+            continue
+        m = _OPTION.match(line)
+        if m:
+            if m.group(3):
+                options[m.group(3)] = "n"
+            else:
+                options[m.group(1)] = m.group(2)
+    return base, options
+
+
+def read_config(text: str) -> dict[str, str]:
+    """A .config as CONFIG_X -> value ("n" for `# CONFIG_X is not set`)."""
+    return parse_fragment(text)[1]
+
+
+def load_fragment(name: str) -> Fragment:
+    """A fragment by path, or by name from kconfigs/. Raises BadInput."""
+    path = Path(name)
+    if not path.is_file():
+        path = KCONFIGS_DIR / (name if name.endswith(".config") else f"{name}.config")
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in KCONFIGS_DIR.glob("*.config")))
+        raise BadInput(f"config fragment {name!r}: not a file and not in kconfigs/ ({known})")
+    text = path.read_text()
+    base, options = parse_fragment(text)
+    if base not in (None, *BASES):
+        raise BadInput(f"config fragment {path}: harness-base {base!r} must be tinyconfig, defconfig or allnoconfig")
+    if not options:
+        raise BadInput(f"config fragment {path}: no CONFIG_ options")
+    return Fragment(path.stem, path, base, options, text)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    option: str
+    requested: str
+    actual: str
+    exists: bool
+
+    def __str__(self) -> str:
+        why = "probably an unmet dependency" if self.exists else "no such option in this tree's Kconfig"
+        return f"{self.option}: requested {self.requested}, got {self.actual} ({why})"
+
+
+def dropped_options(fragments: list[Fragment], final: dict[str, str],
+                    has_symbol: Callable[[str], bool]) -> list[Dropped]:
+    """Every option a fragment asked for that the final .config does not hold.
+
+    `has_symbol("SEV_GUEST")` says whether the tree's Kconfig defines the
+    symbol (without its CONFIG_ prefix); it is asked only for dropped options.
+    """
+    wanted: dict[str, str] = {}
+    for frag in fragments:
+        wanted.update(frag.options)
+    out = []
+    for option, value in wanted.items():
+        actual = final.get(option, "n")
+        if actual != value:
+            out.append(Dropped(option, value, "not set" if actual == "n" else actual,
+                               has_symbol(option.removeprefix("CONFIG_"))))
+    return out

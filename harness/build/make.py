@@ -1,0 +1,115 @@
+"""Kernel make: the toolchain, the argv, a run with its progress lines, and its output read.
+
+Builds are out of tree (O=) with the build user, host and timestamp fixed, so
+the same inputs give the same version banner, and with ccache when there is one.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from harness.build.command import DEADLINE, run
+from harness.errors import InfraError
+
+ARCH = "x86_64"
+# A deadline that only a hung build reaches: a cold defconfig on 2 cores is well under it.
+COMPILE_DEADLINE = 6 * 3600.0
+_TOOLS = ("gcc", "make", "flex", "bison", "bc", "perl", "git")
+_HEADERS = (("/usr/include/libelf.h", "libelf-dev"), ("/usr/include/openssl/ssl.h", "libssl-dev"))
+
+Progress = Callable[[str], None]
+
+
+def toolchain() -> dict[str, str]:
+    """Compiler and make versions; InfraError (exit 3) naming every missing piece."""
+    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+    for header, package in _HEADERS:
+        if not Path(header).exists():
+            missing.append(package)
+    if missing:
+        raise InfraError(f"kernel build toolchain incomplete: missing {', '.join(missing)}")
+    versions = {}
+    for tool in ("gcc", "make"):
+        out = run([tool, "--version"], timeout=30).out
+        versions[tool] = out.splitlines()[0] if out else "unknown"
+    versions["ccache"] = "yes" if shutil.which("ccache") else "no"
+    return versions
+
+
+def make_args(tree: Path, out: Path, jobs: int | None = None) -> list[str]:
+    args = ["make", "-C", str(tree), f"O={out}", f"ARCH={ARCH}", "KBUILD_BUILD_USER=harness",
+            "KBUILD_BUILD_HOST=harness", "KBUILD_BUILD_TIMESTAMP=Thu Jan  1 00:00:00 UTC 2026"]
+    if shutil.which("ccache"):
+        args.append("CC=ccache gcc")
+    if jobs:
+        args.append(f"-j{jobs}")
+    return args
+
+
+def run_make(args: list[str], log: Path, label: str, progress: Progress,
+             timeout: float = DEADLINE) -> tuple[int, list[str]]:
+    """Run make, append its output to `log`, report progress every 10 s.
+
+    Returns (exit status, lines of this run). Raises InfraError if make is
+    still running after `timeout` seconds.
+    """
+    lines: list[str] = []
+    with open(log, "a") as f, _Ticker(label, lines, progress):
+        f.write(f"\n### {label}: {' '.join(args)}\n")
+
+        def take(line: str) -> None:
+            f.write(line + "\n")
+            lines.append(line)
+
+        status = run(args, timeout=timeout, on_line=take).status
+    return status, lines
+
+
+class _Ticker:
+    """While make runs: every 10 s, how long, how many compile steps, the last step.
+    Owns its thread; leaving the `with` block stops and joins it."""
+
+    def __init__(self, label: str, lines: list[str], progress: Progress) -> None:
+        self._label = label
+        self._lines = lines
+        self._progress = progress
+        self._start = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._report, name=f"make {label}", daemon=True)
+
+    def __enter__(self) -> _Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _report(self) -> None:
+        while not self._done.wait(10):
+            compiled = sum(1 for x in self._lines if x.lstrip().startswith(("CC ", "CC [M]", "AS ", "LD ")))
+            last = next((x.strip() for x in reversed(self._lines) if x.startswith("  ")), "")
+            self._progress(f"build {self._label}: {time.monotonic() - self._start:4.0f}s, {compiled} steps, "
+                           f"last {last[:60]}")
+
+
+def first_errors(lines: list[str], limit: int = 8) -> list[str]:
+    """The compiler's and make's error lines (else the last lines) of a failed run."""
+    errors = [x for x in lines if ": error:" in x or ": fatal error:" in x or "Error " in x and "make" in x]
+    return errors[:limit] or lines[-limit:]
+
+
+def warnings_of(lines: list[str]) -> set[str]:
+    """Compiler warnings with line/column numbers dropped (a patch shifts them)."""
+    found = set()
+    for line in lines:
+        if ": warning:" in line:
+            found.add(re.sub(r":\d+:\d+:", ":", line.strip()))
+    return found

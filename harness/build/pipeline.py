@@ -1,0 +1,255 @@
+"""One kernel build: inputs -> cache key -> (locked) configure, compile, collect -> artifact.
+
+The artifact lands in a content-addressed cache: same source + series +
+fragments + toolchain = hit, returned without running make. A failed build is
+never published (it would be a cache hit); its log is kept beside the cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.build.command import run
+from harness.build.kconfig import Dropped, Fragment, dropped_options, load_fragment, read_config
+from harness.build.make import (
+    ARCH,
+    COMPILE_DEADLINE,
+    Progress,
+    first_errors,
+    make_args,
+    run_make,
+    toolchain,
+    warnings_of,
+)
+from harness.build.series import Patch, load_series
+from harness.build.source import CachedTree, Source, import_tree, resolve_source
+from harness.build.spec import BuildSpec
+from harness.errors import BadInput, InfraError, KernelFault
+from harness.paths import cache_dir
+
+FORMAT = "build-v1"
+ARTIFACT_META = "harness-build.json"
+
+
+@dataclass
+class PatchStep:
+    index: int
+    subject: str
+    status: str                 # ok | FAILED
+    new_warnings: list[str]
+    seconds: float
+    errors: list[str] = field(default_factory=list)
+
+
+class BuildFailed(KernelFault):
+    """The kernel under test does not compile (exit 1). `steps`: the per-patch report."""
+
+    def __init__(self, message: str, lines: tuple[str, ...] = (), steps: list[PatchStep] | None = None) -> None:
+        super().__init__(message, lines)
+        self.steps = steps or []
+
+
+@dataclass
+class BuildResult:
+    artifact: Path
+    release: str
+    cached: bool
+    seconds: float
+    dropped: list[str]
+    steps: list[PatchStep] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["artifact"] = str(self.artifact)
+        data["image"] = str(self.artifact / "bzImage")
+        return data
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
+          progress: Progress = _say) -> BuildResult:
+    """Build (or find in the cache) the kernel for `spec`.
+
+    Raises BadInput (exit 2: missing files, a patch that does not apply, dropped
+    options without allow_dropped), BuildFailed (exit 1: the kernel does not
+    compile) or InfraError (exit 3: toolchain missing, a git or make step failed
+    or outlived its deadline).
+    """
+    start = time.monotonic()
+    tools = toolchain()
+    source = resolve_source(spec.source)
+    fragments = [load_fragment(name) for name in spec.configs]
+    base_config = next((f.base for f in fragments if f.base), "tinyconfig")
+    with tempfile.TemporaryDirectory(prefix="harness-series-") as tmp:
+        patches = load_series(spec.series, Path(tmp))
+    key = _cache_key(source, patches, fragments, base_config, tools, per_patch)
+    artifact = cache_dir() / "kernels" / key
+    if (artifact / ARTIFACT_META).exists():
+        meta = json.loads((artifact / ARTIFACT_META).read_text())
+        recorded = [PatchStep(**s) for s in meta.get("steps", [])]
+        return BuildResult(artifact, meta["release"], True, time.monotonic() - start, meta["dropped"], recorded)
+    root = cache_dir() / "src" / hashlib.sha256(source.identity.encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        progress(f"build: importing {source.spec}" if not (root / "src").exists() else f"build: {source.spec}")
+        tree = import_tree(source, root)
+        config_key = hashlib.sha256(("\n".join(f.text for f in fragments) + base_config).encode()).hexdigest()[:12]
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
+        job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", progress)
+        kept_log = artifact.parent / f"{key}-failed.log"
+        try:
+            tree.reset()
+            dropped = job.configure(fragments, base_config, allow_dropped)
+            steps = job.per_patch(patches) if per_patch else job.all_patches(patches)
+            release = job.collect(staging)
+            _write_meta(staging, source, patches, fragments, tools, release, dropped, steps, start)
+            _publish(staging, artifact)
+        except BuildFailed as e:
+            # A failed build is never published (it would be a cache hit); its log is kept.
+            shutil.copy2(job.log, kept_log)
+            raise BuildFailed(str(e).replace(str(job.log), str(kept_log)), e.lines, e.steps) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            tree.reset()
+    progress(f"build: {release} in {time.monotonic() - start:.0f}s -> {artifact}")
+    return BuildResult(artifact, release, False, time.monotonic() - start, [str(d) for d in dropped], steps)
+
+
+def _cache_key(source: Source, patches: list[Patch], fragments: list[Fragment], base_config: str,
+               tools: dict[str, str], per_patch: bool) -> str:
+    """The artifact's name: a hash of everything that goes into the kernel."""
+    key_src = json.dumps({"format": FORMAT, "source": source.identity, "patches": [p.sha256 for p in patches],
+                          "fragments": [f.text for f in fragments], "base": base_config, "tools": tools,
+                          "per_patch": per_patch, "arch": ARCH}, sort_keys=True)
+    return hashlib.sha256(key_src.encode()).hexdigest()[:24]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+class _KernelBuild:
+    """The make phases of one build: in the (locked) cached tree, out of tree in `out`
+    (reused by builds with the same fragments, hence incremental), logged to `log`."""
+
+    def __init__(self, tree: CachedTree, out: Path, log: Path, progress: Progress) -> None:
+        self.tree = tree
+        self.out = out
+        self.log = log
+        self.progress = progress
+        out.mkdir(exist_ok=True)
+
+    def _make(self, *targets: str, label: str, jobs: int | None = None, timeout: float = 600,
+              quiet: bool = False) -> tuple[int, list[str]]:
+        return run_make([*make_args(self.tree.path, self.out, jobs), *targets], self.log, label,
+                        (lambda _: None) if quiet else self.progress, timeout)
+
+    def _config(self) -> dict[str, str]:
+        return read_config((self.out / ".config").read_text())
+
+    def configure(self, fragments: list[Fragment], base: str, allow_dropped: bool) -> list[Dropped]:
+        """The base config, the fragments merged over it in order, olddefconfig, and the check
+        that every requested option survived (BadInput unless allow_dropped)."""
+        status, lines = self._make(base, label=base)
+        if status != 0:
+            raise InfraError(f"make {base} failed: {' | '.join(lines[-3:])}")
+        with open(self.out / ".config", "a") as f:
+            for frag in fragments:
+                f.write(f"\n# --- fragment {frag.path} ---\n{frag.text}\n")
+        status, lines = self._make("olddefconfig", label="olddefconfig")
+        if status != 0:
+            raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
+        dropped = dropped_options(fragments, self._config(), self.tree.has_symbol)
+        if dropped and not allow_dropped:
+            raise BadInput("config options did not survive olddefconfig: " + "; ".join(map(str, dropped))
+                           + " (--allow-dropped to build anyway)")
+        for d in dropped:
+            self.progress(f"build: warning: {d}")
+        return dropped
+
+    def compile(self, label: str) -> list[str]:
+        """bzImage (and modules if enabled); BuildFailed with the first compiler errors."""
+        targets = ["bzImage"] + (["modules"] if self._config().get("CONFIG_MODULES") == "y" else [])
+        status, lines = self._make(*targets, label=label, jobs=os.cpu_count() or 1, timeout=COMPILE_DEADLINE)
+        if status != 0:
+            errors = first_errors(lines)
+            raise BuildFailed(f"kernel does not compile: {' | '.join(errors[:3])} (log {self.log})", tuple(errors))
+        return lines
+
+    def all_patches(self, patches: list[Patch]) -> list[PatchStep]:
+        """The whole series, then one compile; no per-patch report."""
+        for i, patch in enumerate(patches, 1):
+            self.tree.apply(patch, i)
+        self.compile("build")
+        return []
+
+    def per_patch(self, patches: list[Patch]) -> list[PatchStep]:
+        """Build the base, then after each patch in order (ktest's patchcheck); BuildFailed
+        naming the first patch that breaks the build, with the report so far."""
+        t = time.monotonic()
+        base_warnings = warnings_of(self.compile("base"))
+        steps = [PatchStep(0, "(base, no patches)", "ok", [], time.monotonic() - t)]
+        for i, patch in enumerate(patches, 1):
+            t = time.monotonic()
+            self.tree.apply(patch, i)
+            try:
+                lines = self.compile(f"patch {i}/{len(patches)}")
+            except BuildFailed as e:
+                steps.append(PatchStep(i, patch.subject, "FAILED", [], time.monotonic() - t, list(e.lines)))
+                self.progress(f"build: patch {i} {patch.subject!r}: FAILED")
+                s = steps[-1]
+                raise BuildFailed(f"patch {s.index} ({s.subject!r}) breaks the build: "
+                                  + " | ".join(s.errors[:3]) + f" (log {self.log})", tuple(s.errors), steps) from None
+            new = sorted(warnings_of(lines) - base_warnings)
+            steps.append(PatchStep(i, patch.subject, "ok", new, time.monotonic() - t))
+            self.progress(f"build: patch {i} {patch.subject!r}: ok" + (f", {len(new)} new warnings" if new else ""))
+        return steps
+
+    def collect(self, staging: Path) -> str:
+        """bzImage, config, System.map and installed modules into `staging`; the release."""
+        release = run([*make_args(self.tree.path, self.out), "-s", "kernelrelease"], timeout=120).out.strip()
+        shutil.copy2(self.out / "arch/x86/boot/bzImage", staging / "bzImage")
+        for name in (".config", "System.map"):
+            shutil.copy2(self.out / name, staging / name.lstrip("."))
+        if self._config().get("CONFIG_MODULES") == "y":
+            status, lines = self._make(f"INSTALL_MOD_PATH={staging / 'modules'}", "modules_install",
+                                       label="modules_install", timeout=1800, quiet=True)
+            if status != 0:
+                raise InfraError(f"modules_install failed: {' | '.join(lines[-3:])}")
+        return release
+
+
+def _write_meta(staging: Path, source: Source, patches: list[Patch], fragments: list[Fragment],
+                tools: dict[str, str], release: str, dropped: list[Dropped], steps: list[PatchStep],
+                start: float) -> None:
+    meta = {"format": FORMAT, "release": release, "source": {"spec": source.spec, "identity": source.identity},
+            "patches": [p.to_json() for p in patches], "fragments": [str(f.path) for f in fragments],
+            "toolchain": tools, "dropped": [str(d) for d in dropped], "steps": [asdict(s) for s in steps],
+            "seconds": round(time.monotonic() - start, 1)}
+    (staging / ARTIFACT_META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _publish(staging: Path, artifact: Path) -> None:
+    if artifact.exists():
+        shutil.rmtree(artifact)
+    shutil.copytree(staging, artifact)

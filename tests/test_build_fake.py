@@ -1,0 +1,306 @@
+"""`harness build` on the fake kernel tree (tests/fakelinux), in seconds: the cache,
+an edited patch, the per-patch report, dropped options, patches that do not
+apply, each kind of source, a build spec. The fake tree's make answers the
+targets the build uses (its README says how). The inputs' parsers are tested in
+test_build_inputs.py; what only a real kernel shows, in test_build.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness.build import BuildFailed, BuildSpec, build, resolve_source
+from harness.errors import BadInput
+from harness.hashing import file_sha256
+from harness.kernel import bzimage_release, resolve_kernel
+from harness.paths import cache_dir
+from tests.conftest import REPO, Cli
+
+FAKE = REPO / "tests" / "fakelinux"
+TREE = FAKE / "tree"
+SERIES = FAKE / "series"
+SAMPLE_CONFIG = str(FAKE / "kconfigs" / "sample.config")
+RELEASE = "6.12.0-fake"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test its own artifact cache (the `cli` subprocess inherits it too)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("HARNESS_CACHE", str(path))
+    return path
+
+
+def fake_spec(series: Path = SERIES / "sample") -> BuildSpec:
+    return BuildSpec(source=str(TREE), series=str(series), configs=[SAMPLE_CONFIG])
+
+
+def cached_trees_are_clean() -> None:
+    """Every cached source tree is back at its pristine import: no patch left applied."""
+    trees = list((cache_dir() / "src").glob("*/src"))
+    assert trees, "no cached tree at all"
+    for tree in trees:
+        status = subprocess.run(["git", "-C", str(tree), "status", "--porcelain"], capture_output=True, text=True)
+        assert status.stdout == "", f"{tree} left dirty: {status.stdout[:200]}"
+
+
+def compiled(log: Path, section: str) -> list[str]:
+    """The objects make compiled in one section (`### build: make ...`) of a build.log."""
+    text = log.read_text()
+    start = text.index(f"\n### {section}: ")
+    end = text.find("\n### ", start + 1)
+    return re.findall(r"^  CC(?: \[M\])?\s+(\S+)$", text[start:end if end > 0 else None], re.M)
+
+
+def report_rows(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if re.match(r"patch\s+\d+\s+(ok|FAILED)\s", line)]
+
+
+# -- the cache ------------------------------------------------------------------------
+
+
+def test_identical_inputs_are_a_cache_hit_without_make(cli: Cli) -> None:
+    said: list[str] = []
+    first = build(fake_spec(), progress=said.append)
+    assert not first.cached and first.release == RELEASE
+    assert said[0] == f"build: importing {TREE}" and said[-1].startswith(f"build: {RELEASE} in ")
+    art = first.artifact
+    assert sorted(p.name for p in art.iterdir()) == ["System.map", "build.log", "bzImage", "config",
+                                                     "harness-build.json", "modules"]
+    assert bzimage_release(art / "bzImage") == RELEASE
+    meta = json.loads((art / "harness-build.json").read_text())
+    assert [p["subject"] for p in meta["patches"]] == ["swiotlb: announce the fake series at boot",
+                                                       "harness_demo: name the series when loaded"]
+    assert meta["source"]["identity"].startswith("dir:") and meta["fragments"] == [SAMPLE_CONFIG]
+    assert (art / "modules/lib/modules" / RELEASE / "kernel/drivers/misc/harness_demo.ko").is_file()
+    # Identical inputs again, through the command: a cache hit, no make at all.
+    proc = cli("build", "--source", str(TREE), "--series", str(SERIES / "sample"), "--config", SAMPLE_CONFIG,
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)[0]
+    assert result["cached"] is True and result["artifact"] == str(art) and result["release"] == RELEASE
+    assert proc.stderr == "" and result["seconds"] < 1
+    again: list[str] = []
+    assert build(fake_spec(), progress=again.append).cached and again == []
+    # The artifact directory is a kernel too, with its series and modules.
+    kernel = resolve_kernel(str(art))
+    assert kernel.release == RELEASE and kernel.sha256 == file_sha256(art / "bzImage")
+    assert kernel.series == tuple(p["subject"] for p in meta["patches"])
+    assert kernel.modules_dir == art / "modules/lib/modules" / RELEASE
+    cached_trees_are_clean()
+
+
+def test_an_edited_patch_rebuilds_incrementally(tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    shutil.copytree(SERIES / "sample", series)
+    first = build(fake_spec(series), progress=lambda _: None)
+    assert sorted(compiled(first.artifact / "build.log", "build")) == [
+        "drivers/misc/harness_demo.o", "init/main.o", "kernel/dma/swiotlb.o"]
+    patch = series / "0002-harness_demo-name-the-series-when-loaded.patch"
+    original = patch.read_text()
+    patch.write_text(original.replace("sample series v1", "sample series v1b"))
+    edited = build(fake_spec(series), progress=lambda _: None)
+    assert not edited.cached and edited.artifact != first.artifact
+    # The cached tree kept the mtimes of files no patch touches: init/main.c is not compiled again.
+    assert sorted(compiled(edited.artifact / "build.log", "build")) == [
+        "drivers/misc/harness_demo.o", "kernel/dma/swiotlb.o"]
+    ko = f"modules/lib/modules/{RELEASE}/kernel/drivers/misc/harness_demo.ko"
+    assert (edited.artifact / ko).read_bytes() != (first.artifact / ko).read_bytes()
+    # The first artifact is still there: undoing the edit is a hit again.
+    patch.write_text(original)
+    back = build(fake_spec(series), progress=lambda _: None)
+    assert back.cached and back.artifact == first.artifact
+    cached_trees_are_clean()
+
+
+# -- per-patch -----------------------------------------------------------------------------
+
+
+def test_per_patch_names_the_patch_that_breaks_the_build_and_new_warnings(cli: Cli, private_cache: Path) -> None:
+    proc = cli("build", "--source", str(TREE), "--series", str(SERIES / "breaks-at-2"), "--config", SAMPLE_CONFIG,
+               "--per-patch")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "patch 2 ('swiotlb: report a pool size that does not exist') breaks the build" in proc.stderr
+    assert 'kernel/dma/swiotlb.c:20:1: error: #error "no header defines HARNESS_POOL_SIZE"' in proc.stderr
+    report = report_rows(proc.stderr)
+    assert [row.split()[:3] for row in report] == [["patch", "0", "ok"], ["patch", "1", "ok"],
+                                                  ["patch", "2", "FAILED"]]
+    assert '  1 new warning(s): kernel/dma/swiotlb.c: warning: #warning "the default pool size is a guess' in report[1]
+    assert "new warning" not in report[0] and "#error" in report[2]
+    # Never published (that would be a cache hit); the log is kept and named.
+    assert not list((private_cache / "kernels").glob("*/harness-build.json"))
+    kept = re.search(r"\(log (\S+-failed\.log)\)", proc.stderr)
+    assert kept and "no header defines HARNESS_POOL_SIZE" in Path(kept.group(1)).read_text()
+    cached_trees_are_clean()
+
+
+def test_per_patch_report_of_a_good_series_is_kept_with_the_artifact() -> None:
+    result = build(fake_spec(), per_patch=True, progress=lambda _: None)
+    assert [(s.index, s.status, s.new_warnings) for s in result.steps] == [(0, "ok", []), (1, "ok", []),
+                                                                           (2, "ok", [])]
+    assert result.steps[2].subject == "harness_demo: name the series when loaded"
+    hit = build(fake_spec(), per_patch=True, progress=lambda _: None)
+    assert hit.cached and hit.steps == result.steps
+    # Per-patch and plain builds of the same inputs are different artifacts.
+    assert build(fake_spec(), progress=lambda _: None).artifact != result.artifact
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_dropped_options_say_unmet_dependency_or_no_such_symbol(cli: Cli) -> None:
+    dropped = str(FAKE / "kconfigs" / "dropped.config")
+    args = ("build", "--source", str(TREE), "--config", SAMPLE_CONFIG, "--config", dropped)
+    proc = cli(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "CONFIG_SEV_GUEST: requested y, got not set (probably an unmet dependency)" in proc.stderr
+    assert "CONFIG_HARNESS_NO_SUCH_OPTION: requested y, got not set (no such option" in proc.stderr
+    assert "(--allow-dropped to build anyway)" in proc.stderr
+    anyway = cli(*args, "--allow-dropped", "--json")
+    assert anyway.returncode == 0, anyway.stderr[-2000:]
+    assert json.loads(anyway.stdout)[0]["dropped"] == [
+        "CONFIG_SEV_GUEST: requested y, got not set (probably an unmet dependency)",
+        "CONFIG_HARNESS_NO_SUCH_OPTION: requested y, got not set (no such option in this tree's Kconfig)"]
+    assert "build: warning: CONFIG_SEV_GUEST: requested y" in anyway.stderr
+
+
+def test_the_first_named_base_is_configured(tmp_path: Path) -> None:
+    frag = tmp_path / "defconfig.config"
+    frag.write_text("# harness-base: defconfig\n# the fake defconfig enables modules; printk stays on\n"
+                    "CONFIG_PRINTK=y\n")
+    result = build(BuildSpec(source=str(TREE), configs=[str(frag)]), progress=lambda _: None)
+    config = (result.artifact / "config").read_text()
+    assert "CONFIG_HARNESS_DEMO=m" in config and "# CONFIG_CC_OPTIMIZE_FOR_SIZE is not set" in config
+    tiny = build(BuildSpec(source=str(TREE), configs=[SAMPLE_CONFIG]), progress=lambda _: None)
+    assert "CONFIG_CC_OPTIMIZE_FOR_SIZE=y" in (tiny.artifact / "config").read_text()
+
+
+# -- patches ----------------------------------------------------------------------------------
+
+
+def test_patch_that_does_not_apply_is_bad_input_and_leaves_the_tree_clean(cli: Cli) -> None:
+    proc = cli("build", "--source", str(TREE), "--series", str(SERIES / "does-not-apply"), "--config", SAMPLE_CONFIG)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "patch 1" in line and "0001-swiotlb-tweak-a-line-that-is-not-there.patch" in line
+    assert "'swiotlb: tweak a line that is not there'" in line and "kernel/dma/swiotlb.c" in line
+    cached_trees_are_clean()
+
+
+def test_a_later_patch_that_does_not_apply_undoes_the_earlier_ones(tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    shutil.copy(SERIES / "sample" / "0001-swiotlb-announce-the-fake-series-at-boot.patch", series)
+    shutil.copy(SERIES / "does-not-apply" / "0001-swiotlb-tweak-a-line-that-is-not-there.patch",
+                series / "0002-swiotlb-tweak-a-line-that-is-not-there.patch")
+    with pytest.raises(BadInput, match=r"^patch 2 \S+/0002-swiotlb-tweak-a-line-that-is-not-there\.patch "
+                                       r"\('swiotlb: tweak a line that is not there'\) does not apply: "
+                                       r"patch failed: kernel/dma/swiotlb\.c:17$"):
+        build(fake_spec(series), progress=lambda _: None)
+    cached_trees_are_clean()
+
+
+def test_missing_inputs_are_bad_input(cli: Cli, tmp_path: Path) -> None:
+    proc = cli("build", "--source", str(TREE), "--series", str(tmp_path / "nope.mbox"))
+    assert proc.returncode == 2 and f"series {tmp_path / 'nope.mbox'}: no such file or directory" in proc.stderr
+    proc = cli("build", "--source", str(tmp_path / "linux"))
+    assert proc.returncode == 2 and f"source {tmp_path / 'linux'}: no such file or directory" in proc.stderr
+    (tmp_path / "notes").mkdir()
+    proc = cli("build", "--source", str(tmp_path / "notes"))
+    assert proc.returncode == 2 and "not a kernel tree (no Makefile and Kconfig)" in proc.stderr
+    (tmp_path / "notes.tar").write_text("not a tarball")
+    proc = cli("build", "--source", str(tmp_path / "notes.tar"))
+    assert proc.returncode == 2 and "not a tarball" in proc.stderr
+
+
+def test_an_mbox_builds_like_its_directory(tmp_path: Path) -> None:
+    mbox = tmp_path / "sample.mbox"
+    mbox.write_bytes(b"".join(p.read_bytes() for p in sorted((SERIES / "sample").glob("*.patch"))))
+    from_mbox = build(fake_spec(mbox), progress=lambda _: None)
+    patches = json.loads((from_mbox.artifact / "harness-build.json").read_text())["patches"]
+    assert [p["file"] for p in patches] == [f"{mbox}#1", f"{mbox}#2"]
+    # Same patches, same bytes: the same kernel (the key is the patches' hashes, not their files).
+    assert build(fake_spec(), progress=lambda _: None).artifact == from_mbox.artifact
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+def test_a_tarball_source_is_known_by_its_hash(tmp_path: Path) -> None:
+    shutil.copytree(TREE, tmp_path / "linux-fake")
+    tarball = tmp_path / "linux-fake.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(tmp_path), "linux-fake"], check=True)
+    source = resolve_source(str(tarball))
+    assert source.kind == "tarball" and source.identity == "tar:" + file_sha256(tarball)
+    result = build(BuildSpec(source=str(tarball), series=str(SERIES / "sample"), configs=[SAMPLE_CONFIG]),
+                   progress=lambda _: None)
+    assert result.release == RELEASE
+    # The same tree as a directory is another source, but the same kernel inside.
+    assert bzimage_release(build(fake_spec(), progress=lambda _: None).artifact / "bzImage") == RELEASE
+
+
+def test_a_git_source_builds_its_uncommitted_changes_and_is_never_modified(tmp_path: Path) -> None:
+    linux = tmp_path / "linux"
+    shutil.copytree(TREE, linux)
+    git = ["git", "-C", str(linux), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "fake 6.12"]):
+        subprocess.run([*git, *args], check=True)
+    main_c = linux / "init" / "main.c"
+    main_c.write_text(main_c.read_text() + '#warning "an uncommitted change"\n')
+    before = [subprocess.run([*git, *args], capture_output=True, text=True, check=True).stdout
+              for args in (["status", "--porcelain"], ["diff", "--cached"], ["stash", "list"])]
+    dirty = build(BuildSpec(source=str(linux), configs=[SAMPLE_CONFIG]), progress=lambda _: None)
+    line = len(main_c.read_text().splitlines())
+    log = (dirty.artifact / "build.log").read_text()
+    assert f'init/main.c:{line}:1: warning: #warning "an uncommitted change"' in log
+    identity = json.loads((dirty.artifact / "harness-build.json").read_text())["source"]["identity"]
+    assert re.fullmatch(r"git:[0-9a-f]{40}\+[0-9a-f]{16}", identity)
+    committed = build(BuildSpec(source=f"{linux}@HEAD", configs=[SAMPLE_CONFIG]), progress=lambda _: None)
+    assert committed.artifact != dirty.artifact
+    assert "uncommitted" not in (committed.artifact / "build.log").read_text()
+    after = [subprocess.run([*git, *args], capture_output=True, text=True, check=True).stdout
+             for args in (["status", "--porcelain"], ["diff", "--cached"], ["stash", "list"])]
+    assert after == before == [" M init/main.c\n", "", ""]
+    with pytest.raises(BadInput, match="no-such-branch is not a commit in"):
+        resolve_source(f"{linux}@no-such-branch")
+
+
+def test_missing_toolchain_is_infrastructure(cli: Cli, tmp_path: Path) -> None:
+    env = cli.env()
+    env["PATH"] = str(tmp_path)  # no gcc, make, flex... on this PATH
+    proc = subprocess.run(cli.argv("build", "--source", str(TREE)), env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "kernel build toolchain incomplete: missing gcc, make" in proc.stderr
+
+
+def test_a_build_that_fails_without_per_patch_names_the_first_errors(tmp_path: Path) -> None:
+    with pytest.raises(BuildFailed, match=r"^kernel does not compile: kernel/dma/swiotlb\.c:20:1: error: "
+                                          r"#error \"no header defines HARNESS_POOL_SIZE\" \| .*"
+                                          r"\(log \S+-failed\.log\)$") as failed:
+        build(fake_spec(SERIES / "breaks-at-2"), progress=lambda _: None)
+    assert failed.value.exit_code == 1 and failed.value.steps == []
+    cached_trees_are_clean()
+
+
+# -- build specs ------------------------------------------------------------------------------
+
+
+def test_a_build_spec_builds_with_paths_relative_to_it(tmp_path: Path, cli: Cli) -> None:
+    shutil.copytree(TREE, tmp_path / "src" / "linux")
+    shutil.copytree(SERIES / "sample", tmp_path / "specs" / "series")
+    shutil.copy(SAMPLE_CONFIG, tmp_path / "specs" / "sample.config")
+    spec_file = tmp_path / "specs" / "fake.yaml"
+    spec_file.write_text("source: ../src/linux\nseries: series\nconfigs: [sample.config]\n")
+    proc = cli("build", str(spec_file), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)[0]
+    assert result["release"] == RELEASE
+    meta = json.loads((Path(result["artifact"]) / "harness-build.json").read_text())
+    assert meta["source"]["spec"] == str(tmp_path / "src" / "linux")
+    assert meta["fragments"] == [str(tmp_path / "specs" / "sample.config")]
