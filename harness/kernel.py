@@ -137,11 +137,19 @@ def resolve_kernel(spec: str) -> Kernel:
 def _artifact_kernel(artifact: Path, spec: str) -> Kernel:
     import json
 
-    meta = json.loads((artifact / "harness-build.json").read_text())
+    try:
+        meta = json.loads((artifact / "harness-build.json").read_text())
+        release = str(meta["release"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"kernel {spec}: unreadable build record {artifact / 'harness-build.json'}: {e}") from None
     image = artifact / "bzImage"
     bzimage_release(image)  # a truncated or missing image is named before anything boots
-    modules = artifact / "modules" / "lib/modules" / meta["release"]
-    return Kernel(spec=spec, image=image, release=meta["release"], sha256=file_sha256(image),
+    sha256 = file_sha256(image)
+    if meta.get("image_sha256") not in (None, sha256):
+        raise BadInput(f"kernel {spec}: {image} no longer matches the hash its build recorded "
+                       "(damaged artifact; `harness build` of its spec rebuilds it)")
+    modules = artifact / "modules" / "lib/modules" / release
+    return Kernel(spec=spec, image=image, release=release, sha256=sha256,
                   modules_dir=modules if modules.is_dir() else None,
                   series=tuple(p["subject"] for p in meta["patches"]))
 

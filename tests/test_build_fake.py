@@ -118,6 +118,56 @@ def test_an_edited_patch_rebuilds_incrementally(tmp_path: Path) -> None:
     cached_trees_are_clean()
 
 
+def test_a_comment_edit_in_a_fragment_is_still_a_cache_hit(tmp_path: Path) -> None:
+    first = build(fake_spec(), progress=lambda _: None)
+    fragment = tmp_path / "sample.config"
+    fragment.write_text(Path(SAMPLE_CONFIG).read_text().replace("# printk,", "# printk (reworded),"))
+    again = build(BuildSpec(source=str(TREE), series=str(SERIES / "sample"), configs=[str(fragment)]),
+                  progress=lambda _: None)
+    assert again.cached and again.artifact == first.artifact
+    # An option is what makes a different kernel.
+    fragment.write_text(Path(SAMPLE_CONFIG).read_text().replace("CONFIG_HARNESS_DEMO=m", "CONFIG_HARNESS_DEMO=y"))
+    other = build(BuildSpec(source=str(TREE), series=str(SERIES / "sample"), configs=[str(fragment)]),
+                  progress=lambda _: None)
+    assert not other.cached and other.artifact != first.artifact
+
+
+def test_a_damaged_artifact_is_rebuilt_with_a_line_saying_so(cli: Cli) -> None:
+    first = build(fake_spec(), progress=lambda _: None)
+    image = first.artifact / "bzImage"
+    intact = image.read_bytes()
+    # Same size, one byte changed: only the recorded hash tells.
+    image.write_bytes(intact[:-1] + bytes([intact[-1] ^ 0xFF]))
+    proc = cli("run", "--kernel", str(first.artifact), "--dry-run")
+    assert proc.returncode == 2, proc.stderr
+    assert f"kernel {first.artifact}: {image} no longer matches the hash its build recorded" in proc.stderr
+    # Truncated: the setup header tells, naming the image.
+    image.write_bytes(intact[: len(intact) // 2])
+    proc = cli("run", "--kernel", str(first.artifact), "--dry-run")
+    assert proc.returncode == 2 and f"kernel {image}: truncated bzImage" in proc.stderr, proc.stderr
+    said: list[str] = []
+    again = build(fake_spec(), progress=said.append)
+    assert not again.cached and again.artifact == first.artifact
+    assert said[0] == f"build: cached artifact {first.artifact} is damaged (image hash or metadata): building it again"
+    assert image.read_bytes() == intact
+    assert build(fake_spec(), progress=lambda _: None).cached
+
+
+def test_two_identical_builds_at_once_build_once(cli: Cli) -> None:
+    argv = cli.argv("build", "--source", str(TREE), "--series", str(SERIES / "sample"), "--config", SAMPLE_CONFIG,
+                    "--json")
+    procs = [subprocess.Popen(argv, env=cli.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    results = [json.loads(o[0])[0] for o in outs]
+    assert results[0]["artifact"] == results[1]["artifact"]
+    # One of them built; the other waited for the tree and found the artifact.
+    assert sorted(r["cached"] for r in results) == [False, True]
+    assert not list(Path(results[0]["artifact"]).parent.glob(".*")), "staging or old entries left behind"
+    cached_trees_are_clean()
+
+
 # -- per-patch -----------------------------------------------------------------------------
 
 

@@ -37,9 +37,10 @@ from harness.build.series import Patch, load_series
 from harness.build.source import CachedTree, Source, import_tree, resolve_source
 from harness.build.spec import BuildSpec
 from harness.errors import BadInput, InfraError, KernelFault
+from harness.hashing import file_sha256
 from harness.paths import cache_dir
 
-FORMAT = "build-v1"
+FORMAT = "build-v2"
 ARTIFACT_META = "harness-build.json"
 
 
@@ -99,16 +100,19 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
         patches = load_series(spec.series, Path(tmp))
     key = _cache_key(source, patches, fragments, base_config, tools, per_patch)
     artifact = cache_dir() / "kernels" / key
-    if (artifact / ARTIFACT_META).exists():
-        meta = json.loads((artifact / ARTIFACT_META).read_text())
-        recorded = [PatchStep(**s) for s in meta.get("steps", [])]
-        return BuildResult(artifact, meta["release"], True, time.monotonic() - start, meta["dropped"], recorded)
+    hit = _cached(artifact, start, progress)
+    if hit is not None:
+        return hit
     root = cache_dir() / "src" / hashlib.sha256(source.identity.encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
+        # An identical build may have finished while this one waited for the tree.
+        hit = _cached(artifact, start, lambda _: None)
+        if hit is not None:
+            return hit
         progress(f"build: importing {source.spec}" if not (root / "src").exists() else f"build: {source.spec}")
         tree = import_tree(source, root)
-        config_key = hashlib.sha256(("\n".join(f.text for f in fragments) + base_config).encode()).hexdigest()[:12]
+        config_key = hashlib.sha256(json.dumps([base_config, _options(fragments)]).encode()).hexdigest()[:12]
         artifact.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
         job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", progress)
@@ -131,13 +135,40 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
     return BuildResult(artifact, release, False, time.monotonic() - start, [str(d) for d in dropped], steps)
 
 
+def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
+    # What a fragment asks for, in its order: editing a comment is not a new kernel.
+    return [list(f.options.items()) for f in fragments]
+
+
 def _cache_key(source: Source, patches: list[Patch], fragments: list[Fragment], base_config: str,
                tools: dict[str, str], per_patch: bool) -> str:
     """The artifact's name: a hash of everything that goes into the kernel."""
     key_src = json.dumps({"format": FORMAT, "source": source.identity, "patches": [p.sha256 for p in patches],
-                          "fragments": [f.text for f in fragments], "base": base_config, "tools": tools,
+                          "options": _options(fragments), "base": base_config, "tools": tools,
                           "per_patch": per_patch, "arch": ARCH}, sort_keys=True)
     return hashlib.sha256(key_src.encode()).hexdigest()[:24]
+
+
+def _cached(artifact: Path, start: float, progress: Progress) -> BuildResult | None:
+    """The published artifact, if there is one whose image still matches its recorded hash.
+
+    A damaged entry (a truncated or edited bzImage, unreadable metadata) is
+    removed with a line saying so, and the kernel is built again."""
+    meta_path = artifact / ARTIFACT_META
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        intact = file_sha256(artifact / "bzImage") == meta["image_sha256"]
+        result = BuildResult(artifact, meta["release"], True, time.monotonic() - start, meta["dropped"],
+                             [PatchStep(**s) for s in meta.get("steps", [])])
+    except (OSError, ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        progress(f"build: cached artifact {artifact} is damaged (image hash or metadata): building it again")
+        shutil.rmtree(artifact, ignore_errors=True)
+        return None
+    return result
 
 
 @contextmanager
@@ -245,11 +276,16 @@ def _write_meta(staging: Path, source: Source, patches: list[Patch], fragments: 
     meta = {"format": FORMAT, "release": release, "source": {"spec": source.spec, "identity": source.identity},
             "patches": [p.to_json() for p in patches], "fragments": [str(f.path) for f in fragments],
             "toolchain": tools, "dropped": [str(d) for d in dropped], "steps": [asdict(s) for s in steps],
-            "seconds": round(time.monotonic() - start, 1)}
+            "seconds": round(time.monotonic() - start, 1), "image_sha256": file_sha256(staging / "bzImage")}
     (staging / ARTIFACT_META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _publish(staging: Path, artifact: Path) -> None:
+    """Move the finished artifact into place in one rename: a reader (or a harness
+    killed half-way) never sees a half-copied entry."""
+    os.chmod(staging, 0o755)
     if artifact.exists():
-        shutil.rmtree(artifact)
-    shutil.copytree(staging, artifact)
+        old = artifact.with_name(f".old-{artifact.name}-{os.getpid()}")
+        artifact.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    staging.rename(artifact)
