@@ -45,6 +45,7 @@ from harness.results import TestRecord
 DEFAULT_ORIGIN = "coco_harness"
 EXCERPT_MAX = 16384               # the schema's maxLength for log_excerpt
 BUILD_LOG_LINES = 40
+BOOT_LINES = 25
 _ORIGIN_RE = re.compile(r"^[a-z0-9_]+$")
 _STATUS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
 # "Linux version 6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) (gcc-12 (Debian 12.2.0-14) 12.2.0,
@@ -104,6 +105,7 @@ class RunView:
     tests: list[TestResult]
     boot_seconds: float | None
     boot_failure: str | None
+    boot_lines: list[str]                  # the console's last lines when the boot failed
     banner: tuple[str, str, str] | None    # release, builder, compiler from "Linux version ..."
     artifact: BuildArtifact | None
     features: dict[str, bool] = field(default_factory=dict)
@@ -141,7 +143,7 @@ def read_run(path: Path) -> RunView:
     profile = meta.get("profile") or {}
     machines = [_json(p) for p in sorted((path / "machines").glob("*.json"))]
     boots = [m.get("boot_seconds") for m in machines if isinstance(m, dict) and m.get("boot_seconds") is not None]
-    failed = [m.get("error") for m in machines if isinstance(m, dict) and m.get("status") == "boot-failed"]
+    failed = [m for m in machines if isinstance(m, dict) and m.get("status") == "boot-failed"]
     image = str(kernel.get("image") or "")
     artifact = _read_artifact(Path(image).parent) if image else None
     features = ((kernel.get("diagnostics") or {}).get("features") or {})
@@ -155,7 +157,8 @@ def read_run(path: Path) -> RunView:
         profile_effective=str(profile.get("effective") or profile.get("requested") or "unknown"),
         fallback_reasons=[str(r) for r in profile.get("reasons") or []], accel=profile.get("accel"),
         qemu_version=(meta.get("qemu") or {}).get("version"), target=meta.get("target"), tests=tests,
-        boot_seconds=boots[0] if boots else None, boot_failure=str(failed[0]) if failed else None,
+        boot_seconds=boots[0] if boots else None, boot_failure=str(failed[0].get("error")) if failed else None,
+        boot_lines=[str(line) for line in failed[0].get("lines") or []][-BOOT_LINES:] if failed else [],
         banner=_banner(path), artifact=artifact,
         features={str(k): bool(v) for k, v in features.items()})
 
@@ -497,8 +500,11 @@ def _test_excerpt(test: TestResult, folder: Path, run: RunView) -> str:
         bad = errors(scan(dmesg.read_text(errors="replace").splitlines()))
         if bad:
             parts.append("kernel log:\n" + "\n".join(f"{h.error_id}: {h.line}" for h in bad[:20]))
-    if run.boot_failure and test.status != "skipped" and run.boot_failure not in test.message:
-        parts.append(f"boot: {run.boot_failure}")
+    if run.boot_failure and test.status != "skipped":
+        if run.boot_failure not in test.message:
+            parts.append(f"boot: {run.boot_failure}")
+        if run.boot_lines:
+            parts.append("console before the boot failed:\n" + "\n".join(run.boot_lines))
     if test.details.strip() and test.status != "skipped":
         parts.append(test.details.strip())
     return _clip("\n\n".join(parts))
