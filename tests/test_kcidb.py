@@ -3,6 +3,7 @@ with every test's status held against the verdict junit.xml gives it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,55 @@ def test_a_built_kernel_has_its_source_patchset_and_build(cli: Cli) -> None:
     assert {t["path"] for t in doc["tests"]} >= {"coco.series.sample_series_boot_message",
                                                  "coco.boot.reached_userspace"}
     assert {t["status"] for t in doc["tests"]} == {"PASS"}
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+
+def test_export_command_bad_input_is_exit_2(cli: Cli, tmp_path: Path) -> None:
+    for args, message in [((str(tmp_path),), f"{tmp_path}: not a run directory (meta.json) or a nightly tree"),
+                          ((), "give RESULT directories or a NIGHT directory"),
+                          ((str(tmp_path), "--origin", "Lab-1"), "--origin 'Lab-1'")]:
+        proc = cli("export", "--kcidb", *args)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"harness: {message}" or message in proc.stderr, (
+            proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert cli("export", str(tmp_path)).returncode == 2  # --kcidb is the format, and required
+    assert cli("nightly", "nightly/example.yaml", "--origin", "x").returncode == 2  # --origin goes with --kcidb
+
+
+def test_a_night_with_a_fallback_a_failure_and_an_entry_that_never_ran(cli: Cli, tmp_path: Path) -> None:
+    kernel = "debian:linux-image-6.1.0-56-cloud-amd64"
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(json.dumps({
+        "kernels": [kernel], "profiles": ["snp"], "timeout": 300, "retries": 0,
+        "suites": {"boot": ["-k", "test_reached_userspace or test_memory_encryption_banner or test_swiotlb_pool"]},
+        "entries": [{"name": "no-init", "kernel": kernel, "profile": "emulated", "append": "rdinit=/does-not-exist"},
+                    {"name": "no-kernel", "kernel": str(tmp_path / "missing" / "bzImage"), "profile": "emulated"}],
+    }))
+    out = tmp_path / "night.kcidb.json"
+    proc = cli("nightly", str(matrix), "--results", str(cli.results), "--jobs", "2", "--kcidb", str(out),
+               "--origin", "lab_night", timeout=1200)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    night = next(cli.results.glob("nightly-*"))
+    doc = validated(json.loads(out.read_text()))
+    assert kcidb_verdicts(doc, night=True) == junit_verdicts(night / "junit.xml", night=True)
+    by_entry: dict[str, list[dict[str, Any]]] = {}
+    for t in doc["tests"]:
+        by_entry.setdefault(t["misc"]["nightly_entry"], []).append(t)
+    snp = by_entry[next(e for e in by_entry if e.endswith("--snp--boot"))]
+    assert {t["environment"]["comment"].split(" (")[0] for t in snp} == {"snp -> coco-emulated"}
+    assert all(t["environment"]["misc"]["fallback_reasons"] for t in snp)
+    assert {t["path"]: t["status"] for t in snp}["coco.coco.memory_encryption_banner_matches_profile"] == "SKIP"
+    # The kernel that never reached userspace: every test FAIL, the boot failure in the excerpt.
+    assert {t["status"] for t in by_entry["no-init"]} == {"FAIL"}
+    for t in by_entry["no-init"]:
+        assert "Kernel panic - not syncing" in t["log_excerpt"].splitlines()[0]
+        assert "console before the boot failed:" in t["log_excerpt"] and "ret_from_fork" in t["log_excerpt"]
+    (missing,) = by_entry["no-kernel"]
+    assert missing["status"] == "ERROR" and missing["path"] == "coco.harness_run" and "no such file" in missing[
+        "log_excerpt"]
+    # The same night exported again by `harness export`: the same document, ids and all.
+    again = cli("export", "--kcidb", str(night), "--origin", "lab_night")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == doc
