@@ -13,13 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from junitparser import JUnitXml
 from kcidb_io.schema import LATEST
 
 from harness.nightly import Outcome, merge_nights, write_report
 from harness.paths import REPO
 from harness.results import TestRecord, write_meta, write_records
 from tests.conftest import Cli
+from tests.test_kcidb import junit_verdicts
 
 GITLAB_CI_LOCAL = REPO / "tools" / "node_modules" / ".bin" / "gitlab-ci-local"
 PIPELINE = "nightly/gitlab-ci.example.yml"
@@ -53,16 +53,6 @@ def gitlab_ci_local(project: Path, *args: str, env: dict[str, str] | None = None
     assert GITLAB_CI_LOCAL.is_file(), f"{GITLAB_CI_LOCAL} missing: bin/setup installs it (npm ci in tools/)"
     return subprocess.run([str(GITLAB_CI_LOCAL), "--file", PIPELINE, "--no-color", *args], cwd=project,
                           env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def verdicts(junit: Path) -> dict[tuple[str, str, str], str]:
-    out = {}
-    for suite in JUnitXml.fromfile(str(junit)):
-        for case in suite:
-            kinds = {type(r).__name__ for r in case.result}
-            out[(suite.name, case.classname, case.name)] = ("FAIL" if "Failure" in kinds else "ERROR" if "Error"
-                                                            in kinds else "SKIP" if "Skipped" in kinds else "PASS")
-    return out
 
 
 def test_the_pipeline_has_two_shards_and_a_report(tmp_path: Path) -> None:
@@ -103,8 +93,8 @@ def test_the_sharded_night_runs_for_real(cli: Cli, tmp_path: Path) -> None:
     shards: dict[tuple[str, str, str], str] = {}
     for junit in shard_junits:
         entry = json.loads((junit.parent / "nightly.json").read_text())["outcomes"][0]["entry"]
-        shards.update({(f"{entry}#1", c, n): v for (_, c, n), v in verdicts(junit).items()})
-    combined = verdicts(night / "junit.xml")
+        shards.update({(f"{entry}#1", c, n): v for (_, c, n), v in junit_verdicts(junit, night=True).items()})
+    combined = junit_verdicts(night / "junit.xml", night=True)
     assert combined == shards and len(combined) == 6
     assert sorted(combined.values()) == ["PASS", "PASS", "PASS", "SKIP", "SKIP", "SKIP"]
     summary = (night / "summary.txt").read_text()
@@ -136,5 +126,5 @@ def test_merge_reads_shard_trees_where_they_are_now(tmp_path: Path) -> None:
     assert merge_nights([moved], tmp_path / "night") == 1
     (outcome,) = json.loads((tmp_path / "night" / "nightly.json").read_text())["outcomes"]
     assert outcome["run_dir"] == str(moved / "entry-a" / run.name)
-    assert verdicts(tmp_path / "night" / "junit.xml") == {("entry-a#1", "test_boot", "test_x"): "PASS",
-                                                           ("entry-a#1", "test_boot", "test_y"): "FAIL"}
+    assert junit_verdicts(tmp_path / "night" / "junit.xml", night=True) == {
+        ("entry-a#1", "test_boot", "test_x"): "PASS", ("entry-a#1", "test_boot", "test_y"): "FAIL"}
