@@ -70,8 +70,10 @@ PROBE = '''<script>
 def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("chromium")
     assert exe, "chromium is not installed: bin/setup installs Debian's chromium package"
+    # Its crash-report folder and caches go to the profile too, not the user's home.
+    env = dict(os.environ, XDG_CONFIG_HOME=str(profile / "config"), XDG_CACHE_HOME=str(profile / "cache"))
     return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
 
 
 def png_size(path: Path) -> tuple[int, int]:
