@@ -297,9 +297,13 @@ class Exporter:
             identity, patches = f"debian:{run.package}:{run.image_sha256}", ""
             obj.update(tree_name="debian", comment=f"Debian package {run.package}", patchset_hash="")
             misc.update(package=run.package)
-        else:
+        elif run.image_sha256:
             identity, patches = f"image:{run.image_sha256}", ""
             obj.update(comment=f"prebuilt image {Path(run.image).name or run.kernel_spec}", patchset_hash="")
+        else:
+            # A remote target's kernel: all that is known is its release, on that machine.
+            identity, patches = f"release:{run.release}@{run.target or run.kernel_spec}", ""
+            obj.update(comment=f"kernel {run.release} of {run.target or 'an unknown machine'}", patchset_hash="")
         misc["source_identity"] = identity
         checkout_id = self._id("checkout", identity, patches)
         obj.update(id=checkout_id, misc=misc)
@@ -379,7 +383,7 @@ class Exporter:
             "environment": {"comment": env_comment, "misc": env_misc}, "misc": misc,
         }
         if run.started:
-            obj["start_time"] = run.started
+            obj["start_time"] = run.started    # the run's: a test's own start is not recorded
         rate = next(((k, v) for k, v in figures.items() if k.endswith("_MBps")), None)
         if rate is not None:
             obj["number"] = {"value": float(rate[1]), "unit": "MB/s", "prefix": "metric"}

@@ -15,6 +15,7 @@ from kcidb_io.schema import LATEST
 from harness.errors import BadInput
 from harness.kcidb import Exporter, export, kcidb_path, patchset_hash, rfc3339
 from harness.paths import REPO, SAMPLE_KERNEL
+from harness.results import TestRecord, write_meta, write_records
 from tests.conftest import Cli
 
 # A guest suite with one test of each verdict, one of them failed by the kernel's own log.
@@ -125,6 +126,22 @@ def test_bad_input_names_the_thing(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text("{")
     with pytest.raises(BadInput, match="meta.json: not JSON"):
         export([tmp_path])
+
+
+def test_a_remote_targets_kernel_is_known_by_release_and_machine(tmp_path: Path) -> None:
+    """meta.json as `harness run --target` writes it: no image, no hash; two machines stay apart."""
+    for name, target in (("r1", "ssh://root@lab-a"), ("r2", "ssh://root@lab-b")):
+        run = tmp_path / name
+        run.mkdir()
+        write_meta(run, {"run_id": name, "status": "passed", "started": "2026-11-01T00:00:00+0000",
+                         "target": target, "kernel": {"release": "6.12.9", "spec": None},
+                         "profile": {"requested": "remote", "effective": "remote", "reasons": [], "accel": None}})
+        write_records(run, [TestRecord("test_boot.py::test_reached_userspace", "passed", seconds=0.2)])
+    doc = validated(export([tmp_path / "r1", tmp_path / "r2"]))
+    assert len(doc["checkouts"]) == len(doc["builds"]) == 2
+    assert sorted(c["comment"] for c in doc["checkouts"]) == ["kernel 6.12.9 of ssh://root@lab-a",
+                                                             "kernel 6.12.9 of ssh://root@lab-b"]
+    assert {t["environment"]["misc"]["target"] for t in doc["tests"]} == {"ssh://root@lab-a", "ssh://root@lab-b"}
 
 
 # -- real runs ------------------------------------------------------------------------------
