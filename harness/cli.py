@@ -46,6 +46,13 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                    help="launch the requested profile even where the probe says the host lacks what it needs")
 
 
+def _add_kcidb_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--origin", default=None, metavar="NAME",
+                   help="KCIDB origin: the CI system's name, prefix of every id (default coco_harness)")
+    p.add_argument("--log-url", default=None, metavar="BASE",
+                   help="URL where the directory holding RESULT/NIGHT is published; log URLs are made from it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="harness", description="Linux kernel test harness for confidential-computing guests")
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
@@ -104,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="entries at a time (default: half the cores)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="NIGHT",
                    help="merge shard trees (nightly-*/ directories) into --results instead of running")
+    p.add_argument("--kcidb", type=Path, default=None, metavar="FILE", help="also write the night as KCIDB JSON")
+    _add_kcidb_args(p)
+
+    p = sub.add_parser("export", help="results as KCIDB JSON (KernelCI's common results schema), validated")
+    p.add_argument("results", nargs="*", type=Path, metavar="RESULT|NIGHT",
+                   help="results/<run-id> directories or a nightly tree")
+    p.add_argument("--kcidb", action="store_true", required=True, help="KCIDB JSON (the export format)")
+    p.add_argument("--output", type=Path, default=None, help="write it here instead of stdout")
+    _add_kcidb_args(p)
 
     p = sub.add_parser("reproduce", help="re-run a recorded run exactly")
     p.add_argument("result", type=Path, help="a results/<run-id> directory, or results/<run-id>/tests/<name>")
@@ -182,6 +198,8 @@ def _dispatch(argv: list[str]) -> int:
         return _compare(args)
     if args.command == "nightly":
         return _nightly(args)
+    if args.command == "export":
+        return _export(args)
     return EXIT_BAD_INPUT
 
 
@@ -304,12 +322,40 @@ def _boot(args: argparse.Namespace) -> int:
 def _nightly(args: argparse.Namespace) -> int:
     from harness.nightly import jobs_default, merge_nights, run_nightly
 
+    if (args.origin or args.log_url) and args.kcidb is None:
+        raise BadInput("harness nightly: --origin and --log-url go with --kcidb FILE")
     if args.merge:
-        return merge_nights(args.merge, args.results)
-    if args.matrix is None:
+        night, code = args.results, merge_nights(args.merge, args.results)
+    elif args.matrix is None:
         raise BadInput("harness nightly: give MATRIX.yaml (or --merge NIGHT...)")
-    _, code = run_nightly(args.matrix, args.results, args.shard, args.jobs or jobs_default())
+    else:
+        night, code = run_nightly(args.matrix, args.results, args.shard, args.jobs or jobs_default())
+    if args.kcidb is not None:
+        try:
+            _write_kcidb([night], args.kcidb, args.origin, args.log_url)
+        except HarnessError as e:
+            # The night's own verdict comes first: a failed kernel stays exit 1.
+            print(f"harness: KCIDB export of {night}: {e}", file=sys.stderr)
+            return code or e.exit_code
     return code
+
+
+def _write_kcidb(paths: list[Path], output: Path | None, origin: str | None, log_url: str | None) -> None:
+    from harness.kcidb import DEFAULT_ORIGIN, export, write
+
+    doc = export(paths, origin or DEFAULT_ORIGIN, log_url)
+    text = write(doc, output)
+    if output is None:
+        print(text, end="")
+    else:
+        print(f"wrote {output}: KCIDB {doc['version']['major']}.{doc['version']['minor']}, "
+              f"{len(doc['checkouts'])} checkout(s), {len(doc['builds'])} build(s), {len(doc['tests'])} test(s)",
+              file=sys.stderr)
+
+
+def _export(args: argparse.Namespace) -> int:
+    _write_kcidb(args.results, args.output, args.origin, args.log_url)
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> int:

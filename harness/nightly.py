@@ -260,12 +260,25 @@ def merge_nights(dirs: list[Path], out: Path) -> int:
         data = load_yaml(d / "nightly.json", "nightly result")
         if not isinstance(data, dict) or "outcomes" not in data:
             raise BadInput(f"{d}: not a finished nightly tree (no outcomes in nightly.json)")
-        outcomes += [Outcome(**o) for o in data["outcomes"]]
+        for raw in data["outcomes"]:
+            outcome = Outcome(**raw)
+            outcome.run_dir = _relocated(d, outcome)
+            outcomes.append(outcome)
     out.mkdir(parents=True, exist_ok=True)
-    code = write_report(out, outcomes, {"merged": [str(d) for d in dirs]})
+    code = write_report(out, outcomes, {"merged": [str(d.resolve()) for d in dirs]})
     print(summary(outcomes))
     print(f"merged {len(dirs)} trees: exit {code}; junit {out / 'junit.xml'}")
     return code
+
+
+def _relocated(tree: Path, outcome: Outcome) -> str | None:
+    """A shard's run directory where its tree is now. CI hands shard trees to the merge
+    job as artifacts: the absolute path the shard recorded is another job's directory,
+    often on another machine."""
+    if outcome.run_dir is None:
+        return None
+    here = tree.resolve() / outcome.entry / Path(outcome.run_dir).name
+    return str(here) if (here / "meta.json").is_file() else outcome.run_dir
 
 
 def jobs_default() -> int:
