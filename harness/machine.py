@@ -7,12 +7,9 @@ process group) and cleanup of the private socket directory always run.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -28,10 +25,10 @@ from harness.errors import BootFailure, GuestUnreachable, InfraError, QemuStartE
 from harness.guest import GuestChannel, GuestSession
 from harness.initramfs import ssh_overlay
 from harness.plan import LaunchPlan
+from harness.process import die_with_parent, stop_group
 from harness.qmp import QmpChannel
 from harness.ssh import GuestKeys, SshSession, SshTarget, free_port, make_guest_keys
 
-_PR_SET_PDEATHSIG = 1
 _TAIL = 40
 
 
@@ -40,15 +37,6 @@ def scratch_bytes(size: str) -> int:
     text = size.strip().upper().removesuffix("B")
     scale = {"M": 1 << 20, "G": 1 << 30}.get(text[-1:])
     return int(text[:-1]) * scale if scale else int(text) << 20
-
-
-def die_with_parent() -> None:
-    # QEMU must not outlive the process that owns it, even when that process
-    # is SIGKILLed and no finally block runs.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 class Machine:
@@ -326,25 +314,12 @@ class Machine:
             return
         except subprocess.TimeoutExpired:
             pass
-        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-        raise InfraError(f"QEMU pid {self.proc.pid} survived SIGKILL")
+        if not stop_group(self.proc, term_wait=2.0):
+            raise InfraError(f"QEMU pid {self.proc.pid} survived SIGKILL")
 
     def _cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+            stop_group(self.proc, term_wait=None)
         for session in (self.guest, self.agent):
             if session is not None:
                 session.close()

@@ -37,8 +37,8 @@ from typing import Any
 from junitparser import JUnitXml
 
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
-from harness.machine import die_with_parent
 from harness.paths import atomic_write, load_yaml
+from harness.process import die_with_parent
 
 _KEYS = {"kernels", "profiles", "suites", "timeout", "repeat", "retries", "entries"}
 _ENTRY_KEYS = {"kernel", "profile", "suite", "append", "qemu_args", "params", "timeout", "repeat", "name"}

@@ -157,23 +157,6 @@ def test_device_args_follow_qemu_property_types() -> None:
                     "iommu_platform": True, "num-queues": 2}
 
 
-def test_a_zombie_owner_counts_as_dead() -> None:
-    import os
-    import subprocess
-    import time
-
-    from harness.runner import alive
-
-    assert alive(os.getpid())
-    child = subprocess.Popen(["true"])
-    deadline = time.monotonic() + 5
-    while alive(child.pid) and time.monotonic() < deadline:  # exited, not yet reaped: a zombie
-        time.sleep(0.01)
-    assert not alive(child.pid)
-    child.wait()
-    assert not alive(child.pid)
-
-
 def test_sysfs_parsers() -> None:
     from harness.sysfs import bar_sizes, parse_pci_listing
 
