@@ -6,6 +6,8 @@
   `-name`), and sweeping the socket directories of runs whose owner died.
 - Stopping: SIGTERM to a process group, then SIGKILL.
 - Signals: SIGTERM raised as `errors.Terminated`, so cleanup in `finally` runs.
+- Short-lived helpers (`run`): argument lists only, a deadline always, failures
+  mapped to the harness's error types.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Literal, overload
 
-from harness.errors import Terminated
+from harness.errors import InfraError, Terminated
 
 _PR_SET_PDEATHSIG = 1
 
 SOCK_PREFIX = "harness-"
 """Prefix of a run's private socket directory in TMPDIR (it holds `owner.pid`)."""
+
+DEFAULT_TIMEOUT = 60.0
 
 
 def die_with_parent() -> None:
@@ -125,3 +130,41 @@ def raise_on_sigterm() -> Callable[[], None]:
         signal.signal(signal.SIGTERM, previous)
 
     return restore
+
+
+@overload
+def run(argv: Sequence[str], *, timeout: float = ..., check: bool = ..., text: Literal[True] = ...,
+        input: str | None = ..., cwd: Path | None = ..., env: Mapping[str, str] | None = ...,
+        what: str | None = ...) -> subprocess.CompletedProcess[str]: ...
+
+
+@overload
+def run(argv: Sequence[str], *, timeout: float = ..., check: bool = ..., text: Literal[False],
+        input: bytes | None = ..., cwd: Path | None = ..., env: Mapping[str, str] | None = ...,
+        what: str | None = ...) -> subprocess.CompletedProcess[bytes]: ...
+
+
+def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = False, text: bool = True,
+        input: str | bytes | None = None, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+        what: str | None = None) -> subprocess.CompletedProcess[str] | subprocess.CompletedProcess[bytes]:
+    """Run a program to completion with its output captured; never through a shell.
+
+    Raises InfraError (named by `what`, default the program) when the program
+    is missing or cannot start, outlives `timeout` seconds (it is killed), or,
+    with check=True, exits non-zero (with the end of its stderr).
+    """
+    name = what or Path(argv[0]).name
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=text, timeout=timeout, input=input,
+                              cwd=cwd, env=env, stdin=subprocess.DEVNULL if input is None else None)
+    except FileNotFoundError:
+        raise InfraError(f"{name}: {argv[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise InfraError(f"{name}: no result within {timeout:g} s (killed)") from None
+    except OSError as e:
+        raise InfraError(f"{name}: cannot run {argv[0]}: {e.strerror}") from None
+    if check and proc.returncode != 0:
+        err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode("utf-8", "replace")
+        tail = " | ".join(err.strip().splitlines()[-3:])
+        raise InfraError(f"{name}: exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
+    return proc

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from urllib.parse import urlparse
 
 import paramiko
 
+from harness import process
 from harness.errors import BadInput, GuestUnresponsive, InfraError
 from harness.guest import CommandFailed, CommandResult, GuestChannel, quote, short
 
@@ -70,10 +70,8 @@ def make_guest_keys(directory: Path) -> GuestKeys:
     client.write_private_key_file(str(client_path))
     client_path.chmod(0o600)
     host_path = directory / "host_key"
-    subprocess.run([dropbearkey, "-t", "ed25519", "-f", str(host_path)], check=True, capture_output=True,
-                   timeout=30)
-    out = subprocess.run([dropbearkey, "-y", "-f", str(host_path)], check=True, capture_output=True,
-                         text=True, timeout=30).stdout
+    process.run([dropbearkey, "-t", "ed25519", "-f", str(host_path)], check=True, timeout=30)
+    out = process.run([dropbearkey, "-y", "-f", str(host_path)], check=True, timeout=30).stdout
     public = next(line for line in out.splitlines() if line.startswith("ssh-"))
     return GuestKeys(client_path, f"{client.get_name()} {client.get_base64()} harness", host_path,
                      " ".join(public.split()[:2]))

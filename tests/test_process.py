@@ -1,4 +1,4 @@
-"""harness.process on real processes: liveness, sweeping, group stop, SIGTERM."""
+"""harness.process on real processes: liveness, sweeping, group stop, SIGTERM, the subprocess door."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import Terminated
-from harness.process import SOCK_PREFIX, alive, raise_on_sigterm, stop_group, sweep_stale
+from harness.errors import InfraError, Terminated
+from harness.process import SOCK_PREFIX, alive, raise_on_sigterm, run, stop_group, sweep_stale
 
 # A stand-in for QEMU: kill_machines finds a VM by the `-name` in its argv.
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -99,3 +99,21 @@ def test_sigterm_raises_terminated_until_restored() -> None:
     finally:
         restore()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_run_captures_output_as_text_or_bytes() -> None:
+    proc = run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
+    assert run(["cat"], input=b"\x00\xff", text=False).stdout == b"\x00\xff"
+
+
+@pytest.mark.parametrize(("argv", "kwargs", "message"), [
+    (["no-such-program-here"], {}, "no-such-program-here: no-such-program-here not found"),
+    (["sleep", "10"], {"timeout": 0.2}, "sleep: no result within 0.2 s (killed)"),
+    (["sh", "-c", "echo one >&2; echo two >&2; exit 4"], {"check": True, "what": "helper"},
+     "helper: exited with status 4: one | two"),
+])
+def test_run_failures_are_infrastructure_errors(argv: list[str], kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(InfraError) as e:
+        run(argv, **kwargs)  # type: ignore[call-overload]
+    assert str(e.value) == message
