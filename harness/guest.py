@@ -1,6 +1,8 @@
-"""GuestSession: run commands in the guest over a channel the kernel log never touches.
+"""The guest command channel: what guest tests use, and its serial implementation.
 
-The channel is the guest's second serial port (ttyS1), driven with pexpect;
+`GuestChannel` is the face every channel shows (run, check, put, get);
+`AgentSession` runs commands over a channel the kernel log never touches:
+the guest's second serial port (ttyS1), driven with pexpect;
 the kernel's console is ttyS0. The guest side is `guestfs/harness-agent`; its
 protocol frames stdout, stderr and the exit status with per-command tokens, so
 output is never mistaken for a marker and never mixed with printk.
@@ -12,6 +14,7 @@ import base64
 import math
 import re
 import secrets
+import shlex
 import socket
 import time
 from dataclasses import dataclass
@@ -66,26 +69,26 @@ class GuestChannel:
         return self.run(command, timeout, check=True).stdout
 
     def read_text(self, path: str) -> str:
-        return self.check(f"cat {quote(path)}")
+        return self.check(f"cat {shlex.quote(path)}")
 
     def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         """Write bytes to a file in the guest."""
-        self.check(f": > {quote(remote)}")
+        self.check(f": > {shlex.quote(remote)}")
         for i in range(0, len(data), _CHUNK):
             chunk = base64.b64encode(data[i:i + _CHUNK]).decode()
-            self.check(f"echo {chunk} | base64 -d >> {quote(remote)}")
-        self.check(f"chmod {mode:o} {quote(remote)}")
+            self.check(f"echo {chunk} | base64 -d >> {shlex.quote(remote)}")
+        self.check(f"chmod {mode:o} {shlex.quote(remote)}")
 
     def get(self, remote: str) -> bytes:
         """Read a file from the guest."""
-        return base64.b64decode(self.check(f"base64 {quote(remote)}"))
+        return base64.b64decode(self.check(f"base64 {shlex.quote(remote)}"))
 
     def close(self) -> None:
         pass
 
 
-class GuestSession(GuestChannel):
-    """The serial command channel: commands, file transfer, the agent's release string."""
+class AgentSession(GuestChannel):
+    """The serial command channel (ttyS1 and its agent): commands, file transfer, the agent's release string."""
 
     def __init__(self, sock: socket.socket, transcript: Path | None = None,
                  default_timeout: float = 60.0) -> None:
@@ -174,7 +177,3 @@ def short(command: str, limit: int = 80) -> str:
     """A command as error messages quote it: a long one is cut."""
     text = command if len(command) <= limit else command[:limit] + f"... ({len(command)} chars)"
     return repr(text)
-
-
-def quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"

@@ -1,6 +1,6 @@
 """Machine: owns one QEMU process, its sockets, console log and QMP channel.
 
-Lifecycle: `launch()` -> `wait_boot()` -> GuestSession -> `shutdown()`.
+Lifecycle: `launch()` -> `wait_boot()` -> AgentSession -> `shutdown()`.
 Use it as a context manager: shutdown (soft: QMP quit; hard: SIGKILL to the
 process group) and cleanup of the private socket directory always run.
 """
@@ -22,7 +22,7 @@ from types import TracebackType
 
 from harness.console import BootScanner, split_lines
 from harness.errors import BootFailure, GuestUnreachable, InfraError, QemuStartError
-from harness.guest import GuestChannel, GuestSession
+from harness.guest import AgentSession, GuestChannel
 from harness.initramfs import ssh_overlay
 from harness.plan import LaunchPlan
 from harness.process import die_with_parent, stop_group
@@ -59,7 +59,7 @@ class Machine:
         self.argv: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QmpChannel | None = None
-        self.agent: GuestSession | None = None   # the serial agent (always there)
+        self.agent: AgentSession | None = None   # the serial agent (always there)
         self.guest: GuestChannel | None = None   # what tests use: the agent, or SSH
         self.ssh_port: int | None = None
         self._keys: GuestKeys | None = None
@@ -153,7 +153,7 @@ class Machine:
         self._reader = threading.Thread(target=self._read_console, name=f"console-{self.name}",
                                         daemon=True)
         self._reader.start()
-        self.agent = GuestSession(channel, self.logdir / f"channel-{self.name}.log",
+        self.agent = AgentSession(channel, self.logdir / f"channel-{self.name}.log",
                                   default_timeout=self.plan.profile.timeouts.command)
         self.guest = self.agent
 

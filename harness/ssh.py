@@ -7,6 +7,7 @@ key that the client pins (RejectPolicy: any other host key is refused).
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import socket
 import time
@@ -18,7 +19,7 @@ import paramiko
 
 from harness import process
 from harness.errors import BadInput, GuestUnresponsive, InfraError
-from harness.guest import CommandFailed, CommandResult, GuestChannel, quote, short
+from harness.guest import CommandFailed, CommandResult, GuestChannel, short
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def make_guest_keys(directory: Path) -> GuestKeys:
 
 
 class SshSession(GuestChannel):
-    """Commands over SSH (paramiko), with the same face as the serial GuestSession."""
+    """Commands over SSH (paramiko), with the same face as the serial AgentSession."""
 
     def __init__(self, target: SshTarget, key_file: Path, host_key: str | None = None,
                  known_hosts: Path | None = None, connect_timeout: float = 30.0,
@@ -132,7 +133,7 @@ class SshSession(GuestChannel):
         # `; exit $?` keeps the remote shell in between: a command killed at the
         # deadline then ends with status 137 (as on the serial agent), not with
         # an SSH exit-signal that paramiko reports as -1.
-        wrapped = f"timeout -s KILL {max(1, int(limit + 0.999))} sh -c {quote(command)}; exit $?"
+        wrapped = f"timeout -s KILL {max(1, int(limit + 0.999))} sh -c {shlex.quote(command)}; exit $?"
         start = time.monotonic()
         try:
             _, stdout, stderr = self._client.exec_command(wrapped, timeout=limit + 10)
@@ -149,10 +150,10 @@ class SshSession(GuestChannel):
 
     def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         """Write bytes to a remote file through the session's stdin (no size limit)."""
-        self._stream(f"cat > {quote(remote)} && chmod {mode:o} {quote(remote)}", data)
+        self._stream(f"cat > {shlex.quote(remote)} && chmod {mode:o} {shlex.quote(remote)}", data)
 
     def get(self, remote: str) -> bytes:
-        return self._stream(f"cat {quote(remote)}", None)
+        return self._stream(f"cat {shlex.quote(remote)}", None)
 
     def _stream(self, command: str, data: bytes | None) -> bytes:
         try:
