@@ -1,15 +1,18 @@
-"""Pure pieces: cpio, profiles, console and dmesg parsers, module resolution, results."""
+"""Pure pieces: cpio, profiles, console and dmesg parsers, the console reader (over a
+socket pair), module resolution, results."""
 
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 from junitparser import JUnitXml
 
-from harness.console import BootScanner, split_lines
+from harness.console import BootScanner, Console, split_lines
 from harness.cpio import CpioWriter
 from harness.errors import BadInput
 from harness.initramfs import resolve_modules
@@ -21,7 +24,7 @@ from harness.results import TestRecord, exit_code_for, write_junit
 DATA = Path(__file__).parent / "data"
 
 
-def console(name: str) -> list[str]:
+def console_text(name: str) -> list[str]:
     return (DATA / "console" / name).read_text().splitlines()
 
 
@@ -90,13 +93,46 @@ def test_unknown_profile_lists_the_available_ones() -> None:
 ])
 def test_boot_scanner(log: str, kind: str | None) -> None:
     scanner = BootScanner()
-    faults = [f for f in map(scanner.feed, console(log)) if f]
+    faults = [f for f in map(scanner.feed, console_text(log)) if f]
     assert (faults[0].kind if faults else None) == kind
 
 
 def test_split_lines_keeps_the_unfinished_rest() -> None:
     lines, rest = split_lines(b"one\r\ntwo\npartial")
     assert (lines, rest) == (["one", "two"], b"partial")
+
+
+
+def _fed_console(tmp_path: Path, data: bytes, sink: list[bytes] | None = None) -> Console:
+    """A Console that has read `data` and then seen QEMU close its side."""
+    ours, qemus = socket.socketpair()
+    console = Console(ours, tmp_path / "console.log", sink.append if sink is not None else None)
+    console.start("console-test")
+    qemus.sendall(data)
+    qemus.close()
+    console.wait_closed(5)
+    return console
+
+
+def test_console_tees_every_byte_then_scans_the_lines(tmp_path: Path) -> None:
+    data = (DATA / "console" / "panic-no-init.log").read_bytes().replace(b"\n", b"\r\n") + b"cut off"
+    sink: list[bytes] = []
+    console = _fed_console(tmp_path, data, sink)
+    assert (tmp_path / "console.log").read_bytes() == data == b"".join(sink)
+    assert console.bytes_read == len(data)
+    assert console.lines() == [*console_text("panic-no-init.log"), "cut off"]
+    assert console.fault is not None and console.fault.kind == "panic"
+    console.close()
+    console.close()
+
+
+def test_console_close_wakes_and_joins_its_reader(tmp_path: Path) -> None:
+    ours, qemus = socket.socketpair()
+    console = Console(ours, tmp_path / "console.log")
+    console.start("console-join-test")
+    console.close()  # QEMU's side is still open: the reader sits in recv()
+    assert "console-join-test" not in [t.name for t in threading.enumerate()]
+    qemus.close()
 
 
 MODULES_DEP = """\
