@@ -19,12 +19,15 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import pexpect
 import pexpect.fdpexpect
 
 from harness.errors import GuestUnresponsive
+
+if TYPE_CHECKING:
+    from harness.plan import LaunchPlan
 
 _CHUNK = 32 * 1024
 
@@ -171,6 +174,25 @@ class AgentSession(GuestChannel):
             self._sock.close()
         except OSError:
             pass
+
+
+class ChannelFactory:
+    """How the guest channel of one of our VMs comes about: here, the serial agent itself.
+
+    The agent on ttyS1 is there in every guest: its greeting is how a boot ends.
+    A factory for another channel (harness.ssh) prepares the launch before QEMU
+    starts and, once the agent has answered, opens the channel that tests use.
+    """
+
+    ssh_port: int | None = None   # the host port QEMU forwards to the guest's port 22
+
+    def prepare(self, plan: LaunchPlan) -> LaunchPlan:
+        """The plan to launch (another initrd, say); files go in the VM's private directory."""
+        return plan
+
+    def open(self, agent: AgentSession, connect_timeout: float, default_timeout: float) -> GuestChannel:
+        """The channel tests use, once the agent has answered. Raises InfraError."""
+        return agent
 
 
 def short(command: str, limit: int = 80) -> str:

@@ -3,6 +3,8 @@ QEMU user networking) and to remote targets (a lab box, a cloud CVM).
 
 Keys are per run: a fresh client key pair, and for our own guests a fresh host
 key that the client pins (RejectPolicy: any other host key is refused).
+`channel_factory` is how a Machine gets its guest channel: the serial agent,
+or SSH set up around the launch (`SshChannelFactory`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ import shlex
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import paramiko
 
 from harness import process
 from harness.errors import BadInput, GuestUnresponsive, InfraError
-from harness.guest import CommandFailed, CommandResult, GuestChannel, short
+from harness.guest import AgentSession, ChannelFactory, CommandFailed, CommandResult, GuestChannel, short
+from harness.initramfs import ssh_overlay
+
+if TYPE_CHECKING:
+    from harness.plan import LaunchPlan
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,36 @@ class SshSession(GuestChannel):
     def close(self) -> None:
         self.closed = True
         self._client.close()
+
+
+class SshChannelFactory(ChannelFactory):
+    """SSH to one of our guests: per-run keys, the initrd that carries them, a forwarded port.
+
+    The serial agent still tells when the guest is up; SSH replaces it as the
+    channel tests use once it has answered.
+    """
+
+    def __init__(self, private_dir: Path) -> None:
+        self._dir = private_dir
+        self.keys = make_guest_keys(private_dir)
+        self.ssh_port = self._port = free_port()
+
+    def prepare(self, plan: LaunchPlan) -> LaunchPlan:
+        # The keys ride in a cpio appended to the cached image, in the private
+        # directory: the kernel unpacks concatenated archives in order.
+        initrd = self._dir / "initrd.cpio"
+        initrd.write_bytes(plan.initrd.read_bytes() + ssh_overlay(self.keys.authorized_key, self.keys.host_key))
+        return replace(plan, initrd=initrd)
+
+    def open(self, agent: AgentSession, connect_timeout: float, default_timeout: float) -> GuestChannel:
+        return SshSession(SshTarget("root", "127.0.0.1", self._port), self.keys.client_key,
+                          host_key=self.keys.host_key_public, connect_timeout=connect_timeout,
+                          default_timeout=default_timeout)
+
+
+def channel_factory(channel: str, private_dir: Path) -> ChannelFactory:
+    """The factory for a plan's `channel` (serial or ssh). Raises InfraError (no dropbearkey)."""
+    return SshChannelFactory(private_dir) if channel == "ssh" else ChannelFactory()
 
 
 def _b64(text: str) -> bytes:
