@@ -1,4 +1,5 @@
-"""harness.process on real processes: liveness, sweeping, group stop, SIGTERM, the subprocess door."""
+"""harness.process on real processes: liveness, sweeping, group stop, SIGTERM, the
+subprocess door; and Machine's shutdown when its soft path fails."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.errors import InfraError, Terminated
+from harness.machine import Machine
 from harness.process import SOCK_PREFIX, alive, raise_on_sigterm, run, stop_group, sweep_stale
+from harness.runner import RunRequest, make_plan
+from tests.conftest import qemu_processes_mentioning
 
 # A stand-in for QEMU: kill_machines finds a VM by the `-name` in its argv.
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -117,3 +122,18 @@ def test_run_failures_are_infrastructure_errors(argv: list[str], kwargs: dict[st
     with pytest.raises(InfraError) as e:
         run(argv, **kwargs)  # type: ignore[call-overload]
     assert str(e.value) == message
+
+
+def test_a_failed_qmp_quit_is_noted_and_qemu_still_stops(debian_kernel) -> None:  # type: ignore[no-untyped-def]
+    plan, _ = make_plan(RunRequest(kernel=str(debian_kernel.image), profile="emulated"))
+    with tempfile.TemporaryDirectory(prefix="ht-quit-", dir="/tmp") as tmp:
+        m = Machine(plan, Path(tmp) / "logs", name="quit", sock_parent=Path(tmp) / "s")
+        m.launch()
+        assert m.qemu is not None
+        # A hung QEMU: QMP never answers and SIGTERM stays pending; only SIGKILL ends it.
+        os.kill(m.qemu.popen.pid, signal.SIGSTOP)
+        m.shutdown(timeout=1)
+        assert m.shutdown_notes == ["QMP quit failed (InfraError: QMP: no answer within 1 s); "
+                                    "stopping QEMU with signals"]
+        assert m.exit_status == -signal.SIGKILL and m.sock_dir is None
+        assert not qemu_processes_mentioning(tmp)

@@ -1,5 +1,5 @@
-"""Pure pieces: cpio, profiles, console and dmesg parsers, the console reader (over a
-socket pair), module resolution, results."""
+"""Pure pieces: cpio, profiles, console and dmesg parsers, the console reader and boot
+verdicts (over a socket pair and stand-in processes), module resolution, results."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ from junitparser import JUnitXml
 
 from harness.console import BootScanner, Console, split_lines
 from harness.cpio import CpioWriter
-from harness.errors import BadInput
+from harness.errors import BadInput, BootFailure, GuestUnreachable, QemuStartError
 from harness.initramfs import resolve_modules
 from harness.kernel import bzimage_release
+from harness.machine import QemuProcess, boot_error, boot_timeout
 from harness.profiles import load_profile
 from harness.pytest_plugin import classify
 from harness.results import TestRecord, exit_code_for, write_junit
@@ -134,6 +136,49 @@ def test_console_close_wakes_and_joins_its_reader(tmp_path: Path) -> None:
     assert "console-join-test" not in [t.name for t in threading.enumerate()]
     qemus.close()
 
+
+@pytest.fixture
+def exited_qemu(tmp_path: Path) -> QemuProcess:
+    """A stand-in for a QEMU that printed to its log and exited with status 3."""
+    qemu = QemuProcess(["sh", "-c", "echo 'qemu: cannot set up guest memory' >&2; exit 3"], tmp_path / "qemu.log")
+    qemu.wait(10)
+    return qemu
+
+
+@pytest.fixture
+def running_qemu(tmp_path: Path) -> Iterator[QemuProcess]:
+    qemu = QemuProcess(["sleep", "60"], tmp_path / "qemu.log")
+    yield qemu
+    assert qemu.stop(term_wait=None)
+
+
+@pytest.mark.parametrize(("log", "verdict"), [
+    ("panic-no-init.log", "kernel panic during boot: "),          # the fault wins over QEMU's exit
+    ("clean-boot.log", "QEMU exited with status 3 during boot (guest reset or powered off)"),
+    ("", "QEMU exited with status 3 before any console output"),
+])
+def test_boot_verdict_once_qemu_exited(tmp_path: Path, exited_qemu: QemuProcess, log: str, verdict: str) -> None:
+    console = _fed_console(tmp_path, (DATA / "console" / log).read_bytes() if log else b"")
+    error = boot_error(console, exited_qemu)
+    assert error is not None and str(error).startswith(verdict)
+    if log:
+        assert isinstance(error, BootFailure) and error.lines
+    else:
+        assert isinstance(error, QemuStartError) and "cannot set up guest memory" in str(error)
+
+
+def test_boot_verdict_while_qemu_runs(tmp_path: Path, running_qemu: QemuProcess) -> None:
+    assert boot_error(_fed_console(tmp_path, b"Linux version 6.1.0\n"), running_qemu) is None
+    oops = _fed_console(tmp_path, (DATA / "console" / "oops-null-deref.log").read_bytes())
+    assert str(boot_error(oops, running_qemu)).startswith("kernel oops during boot: ")
+
+
+def test_boot_verdict_at_the_deadline(tmp_path: Path) -> None:
+    silent = boot_timeout(_fed_console(tmp_path, b""), 4)
+    assert isinstance(silent, GuestUnreachable) and "no console output" in str(silent)
+    printed = boot_timeout(_fed_console(tmp_path, (DATA / "console" / "clean-boot.log").read_bytes()), 8)
+    assert isinstance(printed, BootFailure) and str(printed).startswith("no userspace within 8 s")
+    assert printed.lines
 
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio.ko:
