@@ -7,13 +7,13 @@ import json
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, BadInput, HarnessError, Terminated
 from harness.paths import GUEST_TESTS_DIR
 from harness.probe import HostCaps
+from harness.process import raise_on_sigterm
 from harness.profiles import available
 
 DEFAULT_PROFILE = "emulated"
@@ -150,13 +150,9 @@ def parse_params(pairs: list[str], file: Path | None) -> dict[str, str]:
     return params
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    restore_sigterm = raise_on_sigterm()
     try:
         return _dispatch(args_list)
     except HarnessError as e:
@@ -169,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness: {e}", file=sys.stderr)
         return 128 + e.signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_sigterm()
 
 
 def _dispatch(argv: list[str]) -> int:

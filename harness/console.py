@@ -1,14 +1,19 @@
-"""Pure parsers over console lines: what ends a boot wait at once.
+"""The guest's serial console: the reader that owns its socket, and the pure
+parsers it feeds (what ends a boot wait at once).
 
-Input: decoded console lines without their line ending (the serial console
-sends CR LF; the CR is stripped by `split_lines`). Kernel lines may carry a
-`[    1.234567] ` timestamp prefix, which these patterns tolerate.
+Parser input: decoded console lines without their line ending (the serial
+console sends CR LF; the CR is stripped by `split_lines`). Kernel lines may
+carry a `[    1.234567] ` timestamp prefix, which the patterns tolerate.
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness.dmesg import default_rules
 
@@ -53,3 +58,91 @@ def split_lines(buffer: bytes) -> tuple[list[str], bytes]:
     """Split raw console bytes into complete decoded lines and the unfinished rest."""
     *complete, rest = buffer.split(b"\n")
     return [c.rstrip(b"\r").decode("utf-8", "replace") for c in complete], rest
+
+
+class Console:
+    """The console socket QEMU connected to, read by one thread of its own.
+
+    Every byte is teed raw to the log (and to `sink`, a terminal) before it is
+    split into lines and fed to a BootScanner. `close()` stops and joins the
+    reader.
+
+    The socket is drained from the start, whether or not anyone is waiting on
+    the boot: once its buffer is full QEMU stops taking bytes from the emulated
+    UART, and the guest's console writes stall waiting for it, so a guest that
+    prints a lot would crawl to the deadline with nobody reading.
+    """
+
+    def __init__(self, sock: socket.socket, log: Path, sink: Callable[[bytes], None] | None = None) -> None:
+        self._sock = sock
+        self._log = log
+        self._sink = sink
+        self._lines: list[str] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._scanner = BootScanner()
+        self._reader: threading.Thread | None = None
+
+    def start(self, name: str) -> None:
+        self._reader = threading.Thread(target=self._read, name=name, daemon=True)
+        self._reader.start()
+
+    @property
+    def fault(self) -> BootFault | None:
+        """The first fault that ends a boot (panic, oops, reset), once seen."""
+        return self._scanner.fault
+
+    @property
+    def bytes_read(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def send(self, data: bytes) -> None:
+        """Type into the console (the guest's ttyS0)."""
+        self._sock.sendall(data)
+
+    def wait_closed(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the reader to reach the end (QEMU closed its side)."""
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    def close(self) -> None:
+        """Close the socket and join the reader; safe to call twice."""
+        try:
+            # shutdown() wakes a reader blocked in recv(); close() alone does not.
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self.wait_closed(2.0)
+
+    def _read(self) -> None:
+        pending = b""
+        with open(self._log, "ab", buffering=0) as log:
+            while True:
+                try:
+                    data = self._sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                # Tee first, parse second: the raw bytes are on disk before any
+                # decision is taken on them.
+                log.write(data)
+                if self._sink is not None:
+                    self._sink(data)
+                lines, pending = split_lines(pending + data)
+                self._add(lines, len(data))
+        if pending:
+            self._add([pending.decode("utf-8", "replace")], 0)
+
+    def _add(self, lines: list[str], size: int) -> None:
+        with self._lock:
+            self._bytes += size
+            for line in lines:
+                self._lines.append(line)
+                self._scanner.feed(line)

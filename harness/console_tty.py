@@ -18,13 +18,13 @@ ESCAPE = 0x1D  # Ctrl-]
 
 def attach(machine: Machine) -> int:
     """Forward stdin to the console until Ctrl-] or QEMU exits. Returns QEMU's status or 0."""
-    assert machine.console is not None and machine.proc is not None
+    assert machine.console is not None and machine.qemu is not None
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd) if os.isatty(fd) else None
     if saved is not None:
         tty.setraw(fd)
     try:
-        while machine.proc.poll() is None:
+        while machine.qemu.running():
             ready, _, _ = select.select([fd], [], [], 0.2)
             if not ready:
                 continue
@@ -32,10 +32,10 @@ def attach(machine: Machine) -> int:
             if not data or ESCAPE in data:
                 data = data.split(bytes([ESCAPE]), 1)[0]
                 if data:
-                    machine.console.sendall(data)
+                    machine.console.send(data)
                 return 0
-            machine.console.sendall(data)
-        return machine.proc.returncode or 0
+            machine.console.send(data)
+        return machine.qemu.returncode or 0
     finally:
         if saved is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -1,6 +1,8 @@
-"""GuestSession: run commands in the guest over a channel the kernel log never touches.
+"""The guest command channel: what guest tests use, and its serial implementation.
 
-The channel is the guest's second serial port (ttyS1), driven with pexpect;
+`GuestChannel` is the face every channel shows (run, check, put, get);
+`AgentSession` runs commands over a channel the kernel log never touches:
+the guest's second serial port (ttyS1), driven with pexpect;
 the kernel's console is ttyS0. The guest side is `guestfs/harness-agent`; its
 protocol frames stdout, stderr and the exit status with per-command tokens, so
 output is never mistaken for a marker and never mixed with printk.
@@ -12,16 +14,20 @@ import base64
 import math
 import re
 import secrets
+import shlex
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import pexpect
 import pexpect.fdpexpect
 
 from harness.errors import GuestUnresponsive
+
+if TYPE_CHECKING:
+    from harness.plan import LaunchPlan
 
 _CHUNK = 32 * 1024
 
@@ -66,26 +72,26 @@ class GuestChannel:
         return self.run(command, timeout, check=True).stdout
 
     def read_text(self, path: str) -> str:
-        return self.check(f"cat {quote(path)}")
+        return self.check(f"cat {shlex.quote(path)}")
 
     def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         """Write bytes to a file in the guest."""
-        self.check(f": > {quote(remote)}")
+        self.check(f": > {shlex.quote(remote)}")
         for i in range(0, len(data), _CHUNK):
             chunk = base64.b64encode(data[i:i + _CHUNK]).decode()
-            self.check(f"echo {chunk} | base64 -d >> {quote(remote)}")
-        self.check(f"chmod {mode:o} {quote(remote)}")
+            self.check(f"echo {chunk} | base64 -d >> {shlex.quote(remote)}")
+        self.check(f"chmod {mode:o} {shlex.quote(remote)}")
 
     def get(self, remote: str) -> bytes:
         """Read a file from the guest."""
-        return base64.b64decode(self.check(f"base64 {quote(remote)}"))
+        return base64.b64decode(self.check(f"base64 {shlex.quote(remote)}"))
 
     def close(self) -> None:
         pass
 
 
-class GuestSession(GuestChannel):
-    """The serial command channel: commands, file transfer, the agent's release string."""
+class AgentSession(GuestChannel):
+    """The serial command channel (ttyS1 and its agent): commands, file transfer, the agent's release string."""
 
     def __init__(self, sock: socket.socket, transcript: Path | None = None,
                  default_timeout: float = 60.0) -> None:
@@ -170,11 +176,26 @@ class GuestSession(GuestChannel):
             pass
 
 
+class ChannelFactory:
+    """How the guest channel of one of our VMs comes about: here, the serial agent itself.
+
+    The agent on ttyS1 is there in every guest: its greeting is how a boot ends.
+    A factory for another channel (harness.ssh) prepares the launch before QEMU
+    starts and, once the agent has answered, opens the channel that tests use.
+    """
+
+    ssh_port: int | None = None   # the host port QEMU forwards to the guest's port 22
+
+    def prepare(self, plan: LaunchPlan) -> LaunchPlan:
+        """The plan to launch (another initrd, say); files go in the VM's private directory."""
+        return plan
+
+    def open(self, agent: AgentSession, connect_timeout: float, default_timeout: float) -> GuestChannel:
+        """The channel tests use, once the agent has answered. Raises InfraError."""
+        return agent
+
+
 def short(command: str, limit: int = 80) -> str:
     """A command as error messages quote it: a long one is cut."""
     text = command if len(command) <= limit else command[:limit] + f"... ({len(command)} chars)"
     return repr(text)
-
-
-def quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"

@@ -1,38 +1,47 @@
-"""Machine: owns one QEMU process, its sockets, console log and QMP channel.
+"""Machine: owns one QEMU guest, from its private socket directory to its exit.
 
-Lifecycle: `launch()` -> `wait_boot()` -> GuestSession -> `shutdown()`.
-Use it as a context manager: shutdown (soft: QMP quit; hard: SIGKILL to the
-process group) and cleanup of the private socket directory always run.
+Lifecycle: `launch()` -> `wait_boot()` -> guest channel -> `shutdown()`, in
+named phases:
+
+    launch    _pre_launch   private directory, listening sockets, QMP server,
+                            scratch disks, channel set-up, argv
+              _launch       QEMU in its own session, dying with its owner
+              _post_launch  accept QEMU's connections, console reader, serial
+                            agent, QMP handshake (all within one deadline)
+    shutdown  _soft_shutdown  QMP quit, then QEMU's own exit
+              _hard_shutdown  SIGTERM, then SIGKILL to its process group
+              _post_shutdown  always: channels, console reader, QMP, sockets,
+                              the private directory
+
+Use it as a context manager: shutdown and cleanup always run. The parts each
+own one thing: `SocketDir` the directory and its listeners, `QemuProcess` the
+process and its output, `harness.console.Console` the console reader thread,
+the channel factory (`harness.ssh`) the guest channel's set-up; `boot_error`
+and `boot_timeout` are the boot verdicts.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
-import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
-from harness.console import BootScanner, split_lines
-from harness.errors import BootFailure, GuestUnreachable, InfraError, QemuStartError
-from harness.guest import GuestChannel, GuestSession
-from harness.initramfs import ssh_overlay
+from harness.console import Console
+from harness.errors import BootFailure, GuestUnreachable, HarnessError, InfraError, QemuStartError
+from harness.guest import AgentSession, ChannelFactory, GuestChannel
 from harness.plan import LaunchPlan
+from harness.process import die_with_parent, stop_group
 from harness.qmp import QmpChannel
-from harness.ssh import GuestKeys, SshSession, SshTarget, free_port, make_guest_keys
+from harness.ssh import channel_factory
 
-_PR_SET_PDEATHSIG = 1
 _TAIL = 40
+_START_DEADLINE = 10.0   # from QEMU's start to its last connection and the QMP handshake
 
 
 def scratch_bytes(size: str) -> int:
@@ -42,51 +51,185 @@ def scratch_bytes(size: str) -> int:
     return int(text[:-1]) * scale if scale else int(text) << 20
 
 
-def die_with_parent() -> None:
-    # QEMU must not outlive the process that owns it, even when that process
-    # is SIGKILLed and no finally block runs.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+class SocketDir:
+    """The VM's private (0700) directory: QEMU's sockets, scratch images, per-run keys.
+
+    We listen here before QEMU starts and QEMU connects as a client: it does so
+    while it sets up, before the guest runs one instruction, so not a byte of
+    console is lost (a listening QEMU drops what the guest prints before we
+    connect, unless told to stop and wait for us), and a QEMU that dies at
+    start-up shows as an exit, not as a connect timeout. 0700: nobody else on
+    the host may talk to QMP or type into the guest.
+    """
+
+    def __init__(self, name: str, parent: Path | None) -> None:
+        if parent is not None:
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+        self._listeners: dict[str, socket.socket] = {}
+
+    def listen(self, name: str) -> None:
+        sock = self._listeners[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path / name))
+        sock.listen(1)
+
+    def accept(self, name: str, what: str, deadline: float, qemu: QemuProcess) -> socket.socket:
+        """QEMU's connection to `name`. Raises QemuStartError once QEMU exited or the deadline passed."""
+        listener = self._listeners[name]
+        listener.settimeout(0.05)
+        while qemu.running() and time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            return conn
+        raise qemu.start_error(f"QEMU did not connect its {what} within {_START_DEADLINE:.0f} s")
+
+    def scratch_disk(self, node: str, size: str) -> None:
+        """An empty (sparse) disk image `node`.img for the profile's scratch drives."""
+        with open(self.path / f"{node}.img", "wb") as f:
+            f.truncate(scratch_bytes(size))
+
+    def remove(self) -> None:
+        for sock in self._listeners.values():
+            sock.close()
+        self._listeners.clear()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class QemuProcess:
+    """A started QEMU: its own session (a group stop reaches all of it), dying
+    with its owner (PDEATHSIG, even on SIGKILL), its stdout and stderr in `log`.
+
+    Raises QemuStartError if the program cannot be started at all.
+    """
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv = argv
+        self.log = log
+        with open(log, "wb") as out:
+            try:
+                self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                              start_new_session=True, preexec_fn=die_with_parent)
+            except OSError as e:
+                raise QemuStartError(f"cannot start QEMU: {e.strerror}", argv, "") from None
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status, None while it runs."""
+        return self.popen.poll()
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float) -> bool:
+        """True once QEMU has exited, waiting up to `timeout` s for it."""
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def start_error(self, message: str) -> QemuStartError:
+        """`message`, or QEMU's exit status if it has exited; with argv and QEMU's output."""
+        if self.returncode is not None:
+            message = f"QEMU exited with status {self.returncode} during start-up"
+        return QemuStartError(message, self.argv, self.output())
+
+    def stop(self, term_wait: float | None) -> bool:
+        """SIGTERM (unless term_wait is None), then SIGKILL to QEMU's process group.
+
+        True once QEMU is gone; False if it survived SIGKILL.
+        """
+        return not self.running() or stop_group(self.popen, term_wait)
+
+
+def wait_for_agent(agent: AgentSession, console: Console, qemu: QemuProcess, deadline: float,
+                   budget: float) -> None:
+    """Return once the agent has announced itself; raise the boot verdict
+    (`boot_error`, `boot_timeout`) as soon as there is one."""
+    while True:
+        if console.fault is not None or agent.closed or not qemu.running():
+            # A fault: QEMU may still print the rest of the trace and exit.
+            # The channel closed or QEMU exited: the console still drains.
+            qemu.wait(2.0)
+            console.wait_closed(1.0)
+        error = boot_error(console, qemu)
+        if error is not None:
+            raise error
+        if agent.wait_ready(0.05):
+            return
+        if time.monotonic() > deadline:
+            raise boot_timeout(console, budget)
+
+
+def boot_error(console: Console, qemu: QemuProcess) -> HarnessError | None:
+    """What ends a boot wait now, if anything.
+
+    A kernel fault on the console (panic, oops, reset) wins, even when QEMU has
+    exited since. Then QEMU's exit: after the kernel printed, the guest reset or
+    powered off (BootFailure); before any output, QEMU itself failed.
+    """
+    fault = console.fault
+    if fault is not None:
+        return BootFailure(f"kernel {fault.kind} during boot: {fault.line.strip()}", _tail(console))
+    status = qemu.returncode
+    if status is None:
+        return None
+    if console.bytes_read:
+        return BootFailure(f"QEMU exited with status {status} during boot (guest reset or powered off)",
+                           _tail(console))
+    return QemuStartError(f"QEMU exited with status {status} before any console output", qemu.argv, qemu.output())
+
+
+def boot_timeout(console: Console, budget: float) -> HarnessError:
+    """The verdict at the boot deadline: no output at all is the host's problem, silence after output the kernel's."""
+    if console.bytes_read == 0:
+        return GuestUnreachable(
+            f"guest unreachable: no console output and no command channel within {budget:.0f} s")
+    return BootFailure(f"no userspace within {budget:.0f} s: the kernel printed {len(console.lines())} console "
+                       f"lines, the command agent never answered", _tail(console))
+
+
+def _tail(console: Console) -> tuple[str, ...]:
+    return tuple(console.lines()[-_TAIL:])
 
 
 class Machine:
-    def __init__(
-        self,
-        plan: LaunchPlan,
-        logdir: Path,
-        name: str = "harness",
-        sock_parent: Path | None = None,
-        console_log: str = "console.log",
-        console_sink: Callable[[bytes], None] | None = None,
-    ) -> None:
+    """One QEMU guest from launch to shutdown (see the module docstring for the phases)."""
+
+    def __init__(self, plan: LaunchPlan, logdir: Path, name: str = "harness", sock_parent: Path | None = None,
+                 console_log: str = "console.log", console_sink: Callable[[bytes], None] | None = None) -> None:
         self.plan = plan
         self.name = name
         self.logdir = logdir
         self.console_path = logdir / console_log
         self._sock_parent = sock_parent
         self._sink = console_sink
-        self.sock_dir: Path | None = None
+        self._sockets: SocketDir | None = None
+        self.channels = ChannelFactory()
         self.argv: list[str] = []
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.qemu: QemuProcess | None = None
         self.qmp: QmpChannel | None = None
-        self.agent: GuestSession | None = None   # the serial agent (always there)
+        self.console: Console | None = None
+        self.agent: AgentSession | None = None   # the serial agent (always there)
         self.guest: GuestChannel | None = None   # what tests use: the agent, or SSH
-        self.ssh_port: int | None = None
-        self._keys: GuestKeys | None = None
-        self.console: socket.socket | None = None
-        self._listeners: list[socket.socket] = []
-        self._reader: threading.Thread | None = None
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self._scanner = BootScanner()
-        self._console_bytes = 0
-        self.boot_seconds: float | None = None
         self.launched_at: float | None = None
+        self.boot_seconds: float | None = None
         self.exit_status: int | None = None
+        self.shutdown_notes: list[str] = []   # what went wrong on the way down (a failed QMP quit)
 
-    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def sock_dir(self) -> Path | None:
+        """The private directory while the VM exists (scratch disk images live there)."""
+        return self._sockets.path if self._sockets is not None else None
 
     def __enter__(self) -> Machine:
         self.launch()
@@ -96,275 +239,127 @@ class Machine:
                  tb: TracebackType | None) -> None:
         self.shutdown()
 
+    # -- launch --------------------------------------------------------------------
+
     def launch(self) -> None:
         """Start QEMU and connect console, command channel and QMP.
 
-        Raises QemuStartError (with argv and QEMU's output) if QEMU exits or
-        never connects; everything started so far is cleaned up first.
+        Raises QemuStartError (with argv and QEMU's output) if QEMU cannot
+        start, exits or never connects, InfraError if the channel set-up fails;
+        everything started so far is stopped and removed first.
         """
         try:
+            self._pre_launch()
             self._launch()
+            self._post_launch()
         except BaseException:
             self.shutdown()
             raise
 
-    def _listen(self, path: Path) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        sock.listen(1)
-        self._listeners.append(sock)
-        return sock
+    def _pre_launch(self) -> None:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._sockets = sockets = SocketDir(self.name, self._sock_parent)
+        sockets.listen("console.sock")
+        sockets.listen("channel.sock")
+        self.qmp = QmpChannel(self.name)
+        self.qmp.start_server(str(sockets.path / "qmp.sock"))
+        for disk in self.plan.profile.scratch_disks:
+            node, _, size = disk.partition(":")
+            sockets.scratch_disk(node, size)
+        self.channels = channel_factory(self.plan.channel, sockets.path)
+        plan = self.channels.prepare(self.plan)
+        self.argv = plan.argv(sockets.path, self.name, self.channels.ssh_port)
+        (self.logdir / "qemu-argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
 
     def _launch(self) -> None:
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        if self._sock_parent is not None:
-            self._sock_parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Private (0700) directory for the sockets: nobody else may talk to QMP.
-        self.sock_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self._sock_parent))
-        console_l = self._listen(self.sock_dir / "console.sock")
-        channel_l = self._listen(self.sock_dir / "channel.sock")
-        self.qmp = QmpChannel(self.name)
-        self.qmp.start_server(str(self.sock_dir / "qmp.sock"))
-        plan = self.plan
-        for disk in plan.profile.scratch_disks:
-            node, _, size = disk.partition(":")
-            with open(self.sock_dir / f"{node}.img", "wb") as f:
-                f.truncate(scratch_bytes(size))
-        if plan.channel == "ssh":
-            # Per-run keys ride in a cpio appended to the cached image, in the
-            # private directory: the kernel unpacks concatenated archives in order.
-            self._keys = make_guest_keys(self.sock_dir)
-            initrd = self.sock_dir / "initrd.cpio"
-            initrd.write_bytes(plan.initrd.read_bytes()
-                               + ssh_overlay(self._keys.authorized_key, self._keys.host_key))
-            plan = replace(plan, initrd=initrd)
-            self.ssh_port = free_port()
-        self.argv = plan.argv(self.sock_dir, self.name, self.ssh_port)
-        (self.logdir / "qemu-argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
-        self._stderr_path = self.logdir / f"qemu-{self.name}.log"
-        stderr = open(self._stderr_path, "wb")
-        try:
-            self.launched_at = time.monotonic()
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, preexec_fn=die_with_parent,
-            )
-        except OSError as e:
-            raise QemuStartError(f"cannot start QEMU: {e.strerror}", self.argv, "") from None
-        finally:
-            stderr.close()
-        self.console = self._accept(console_l, "console")
-        channel = self._accept(channel_l, "command channel")
-        try:
-            self.qmp.accept(timeout=self._remaining(10))
-        except Exception:  # noqa: BLE001 - qemu.qmp raises ConnectError, EOFError, timeouts...
-            self._wait_exit(1.0)
-            if self.proc.poll() is not None:
-                self._raise_start_error(f"QEMU exited with status {self.proc.returncode} during start-up")
-            self._raise_start_error("QEMU did not complete the QMP handshake")
-        self._reader = threading.Thread(target=self._read_console, name=f"console-{self.name}",
-                                        daemon=True)
-        self._reader.start()
-        self.agent = GuestSession(channel, self.logdir / f"channel-{self.name}.log",
+        self.launched_at = time.monotonic()
+        self.qemu = QemuProcess(self.argv, self.logdir / f"qemu-{self.name}.log")
+
+    def _post_launch(self) -> None:
+        assert self._sockets is not None and self.qemu is not None and self.qmp is not None
+        assert self.launched_at is not None
+        deadline = self.launched_at + _START_DEADLINE
+        console = self._sockets.accept("console.sock", "console", deadline, self.qemu)
+        self.console = Console(console, self.console_path, self._sink)
+        self.console.start(f"console-{self.name}")
+        channel = self._sockets.accept("channel.sock", "command channel", deadline, self.qemu)
+        self.agent = AgentSession(channel, self.logdir / f"channel-{self.name}.log",
                                   default_timeout=self.plan.profile.timeouts.command)
+        try:
+            self.qmp.accept(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - qemu.qmp raises ConnectError, EOFError, timeouts...
+            self.qemu.wait(1.0)
+            raise self.qemu.start_error("QEMU did not complete the QMP handshake") from None
         self.guest = self.agent
 
-    def _remaining(self, budget: float) -> float:
-        assert self.launched_at is not None
-        return max(0.1, self.launched_at + budget - time.monotonic())
-
-    def _accept(self, listener: socket.socket, what: str) -> socket.socket:
-        deadline = time.monotonic() + 10
-        listener.settimeout(0.05)
-        while True:
-            try:
-                conn, _ = listener.accept()
-                conn.settimeout(None)
-                return conn
-            except TimeoutError:
-                pass
-            if self.proc is not None and self.proc.poll() is not None:
-                self._raise_start_error(f"QEMU exited with status {self.proc.returncode} during start-up")
-            if time.monotonic() > deadline:
-                self._raise_start_error(f"QEMU did not connect its {what} within 10 s")
-
     def qemu_output(self) -> str:
-        try:
-            return self._stderr_path.read_text(errors="replace")
-        except (OSError, AttributeError):
-            return ""
-
-    def _raise_start_error(self, message: str) -> None:
-        raise QemuStartError(message, self.argv, self.qemu_output())
-
-    def _read_console(self) -> None:
-        assert self.console is not None
-        pending = b""
-        with open(self.console_path, "ab", buffering=0) as log:
-            while True:
-                try:
-                    data = self.console.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    break
-                # Tee first, parse second: the raw bytes are on disk before any
-                # decision is taken on them.
-                log.write(data)
-                if self._sink is not None:
-                    self._sink(data)
-                lines, pending = split_lines(pending + data)
-                with self._lock:
-                    self._console_bytes += len(data)
-                    for line in lines:
-                        self._lines.append(line)
-                        self._scanner.feed(line)
-            if pending:
-                with self._lock:
-                    self._lines.append(pending.decode("utf-8", "replace"))
-                    self._scanner.feed(self._lines[-1])
+        return self.qemu.output() if self.qemu is not None else ""
 
     # -- boot ----------------------------------------------------------------------
 
     def console_lines(self) -> list[str]:
-        with self._lock:
-            return list(self._lines)
+        return self.console.lines() if self.console is not None else []
 
     def wait_boot(self, timeout: float | None = None) -> GuestChannel:
-        """Wait until the guest's command agent is up.
+        """Wait until the guest's command agent is up; returns the channel tests use.
 
-        Raises BootFailure (kernel fault: panic, oops, reset, QEMU exit after
-        the kernel printed, or no userspace in time) or GuestUnreachable (no
-        console output at all by the deadline).
+        Raises the boot verdict (BootFailure, GuestUnreachable or QemuStartError:
+        see `boot_error`, `boot_timeout`); InfraError if SSH does not come up.
         """
-        assert self.agent is not None and self.proc is not None and self.launched_at is not None
+        assert self.agent is not None and self.console is not None and self.qemu is not None
+        assert self.launched_at is not None
         budget = timeout if timeout is not None else self.plan.boot_deadline
         deadline = self.launched_at + budget
-        while True:
-            fault = self._scanner.fault
-            if fault is not None:
-                # Give QEMU a moment to print the rest of the trace and exit.
-                self._wait_exit(2.0)
-                raise BootFailure(f"kernel {fault.kind} during boot: {fault.line.strip()}",
-                                  tuple(self.console_lines()[-_TAIL:]))
-            if self.agent.closed:
-                # QEMU closed the channel: it is exiting. Let the console drain.
-                self._wait_exit(2.0)
-            if self.proc.poll() is not None:
-                self._reader_done(1.0)
-                if self._scanner.fault is not None:
-                    continue
-                self._after_exit()
-            if self.agent.wait_ready(0.05):
-                if self._keys is not None and self.ssh_port is not None:
-                    self.guest = SshSession(
-                        SshTarget("root", "127.0.0.1", self.ssh_port), self._keys.client_key,
-                        host_key=self._keys.host_key_public, connect_timeout=max(5.0, deadline - time.monotonic()),
-                        default_timeout=self.plan.profile.timeouts.command)
-                self.boot_seconds = time.monotonic() - self.launched_at
-                assert self.guest is not None
-                return self.guest
-            if time.monotonic() > deadline:
-                lines = tuple(self.console_lines()[-_TAIL:])
-                if self._console_bytes == 0:
-                    raise GuestUnreachable(
-                        f"guest unreachable: no console output and no command channel within {budget:.0f} s")
-                raise BootFailure(
-                    f"no userspace within {budget:.0f} s: the kernel printed {len(self.console_lines())} "
-                    f"console lines, the command agent never answered", lines)
-
-    def _after_exit(self) -> None:
-        assert self.proc is not None
-        self.exit_status = self.proc.returncode
-        if self._scanner.fault is not None:
-            return  # the loop reports the fault with its own message
-        lines = tuple(self.console_lines()[-_TAIL:])
-        if self._console_bytes:
-            raise BootFailure(f"QEMU exited with status {self.proc.returncode} during boot "
-                              f"(guest reset or powered off)", lines)
-        raise QemuStartError(f"QEMU exited with status {self.proc.returncode} before any console output",
-                             self.argv, self.qemu_output())
-
-    def _reader_done(self, timeout: float) -> None:
-        if self._reader is not None:
-            self._reader.join(timeout)
-
-    def _wait_exit(self, timeout: float) -> None:
-        assert self.proc is not None
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        self._reader_done(0.5)
+        wait_for_agent(self.agent, self.console, self.qemu, deadline, budget)
+        self.guest = self.channels.open(self.agent, connect_timeout=max(5.0, deadline - time.monotonic()),
+                                        default_timeout=self.plan.profile.timeouts.command)
+        self.boot_seconds = time.monotonic() - self.launched_at
+        return self.guest
 
     # -- shutdown ------------------------------------------------------------------
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop QEMU: QMP quit, then SIGTERM, then SIGKILL to its process group.
 
-        Always cleans up sockets, threads and the private directory. Never raises
-        for a VM that is already gone.
+        Always cleans up channels, sockets, the console reader and the private
+        directory. Never raises for a VM that is already gone; raises InfraError
+        if QEMU survives SIGKILL. A failed QMP quit is noted in `shutdown_notes`.
         """
         budget = timeout if timeout is not None else self.plan.profile.timeouts.shutdown
         try:
-            if self.proc is not None and self.proc.poll() is None:
-                if self.qmp is not None and self.agent is not None:
-                    try:
-                        self.qmp.execute("quit", timeout=min(3.0, budget))
-                    except Exception:  # noqa: BLE001 - falls through to the hard path
-                        pass
-                self._stop_process(budget)
-            if self.proc is not None:
-                self.exit_status = self.proc.returncode
+            if self.qemu is not None:
+                if self.qemu.running() and not self._soft_shutdown(self.qemu, budget):
+                    self._hard_shutdown(self.qemu)
+                self.exit_status = self.qemu.returncode
         finally:
-            self._cleanup()
+            self._post_shutdown()
 
-    def _stop_process(self, budget: float) -> None:
-        assert self.proc is not None
-        try:
-            self.proc.wait(budget)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)):
+    def _soft_shutdown(self, qemu: QemuProcess, budget: float) -> bool:
+        """Ask QEMU to quit and wait for it; False if it still runs after `budget` s."""
+        if self.qmp is not None and self.qmp.negotiated:
             try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-        raise InfraError(f"QEMU pid {self.proc.pid} survived SIGKILL")
+                self.qmp.execute("quit", timeout=min(3.0, budget))
+            except Exception as e:  # noqa: BLE001 - whatever failed, the hard path follows
+                self.shutdown_notes.append(f"QMP quit failed ({type(e).__name__}: {e}); "
+                                           f"stopping QEMU with signals")
+        return qemu.wait(budget)
 
-    def _cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+    def _hard_shutdown(self, qemu: QemuProcess) -> None:
+        if not qemu.stop(term_wait=2.0):
+            raise InfraError(f"QEMU pid {qemu.popen.pid} survived SIGKILL")
+
+    def _post_shutdown(self) -> None:
+        if self.qemu is not None:
+            # An interrupted shutdown (a second signal) still leaves no QEMU behind.
+            self.qemu.stop(term_wait=None)
         for session in (self.guest, self.agent):
             if session is not None:
                 session.close()
-        for sock in [*self._listeners, *([self.console] if self.console else [])]:
-            try:
-                # shutdown() wakes a reader blocked in recv(); close() alone does not.
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self._reader_done(2.0)
+        if self.console is not None:
+            self.console.close()
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
-        if self.sock_dir is not None:
-            shutil.rmtree(self.sock_dir, ignore_errors=True)
-            self.sock_dir = None
-
-    def describe(self) -> str:
-        return shlex.join(self.argv)
+        if self._sockets is not None:
+            self._sockets.remove()
+            self._sockets = None

@@ -37,8 +37,8 @@ from typing import Any
 from junitparser import JUnitXml
 
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
-from harness.machine import die_with_parent
 from harness.paths import atomic_write, load_yaml
+from harness.process import die_with_parent
 from harness.results import write_junit_xml
 from harness.rundir import is_run_dir
 

@@ -19,22 +19,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
 
 from harness.diagnostics import REMOTE_CONFIG
 from harness.dmesg import Allow, describe, errors, load_allowlist, scan
-from harness.errors import HarnessError, KernelFault, Terminated
+from harness.errors import HarnessError, KernelFault
 from harness.guest import GuestChannel
 from harness.machine import Machine
 from harness.plan import LaunchPlan
+from harness.process import raise_on_sigterm
 from harness.qmp import QmpChannel
 from harness.results import TestRecord, write_records
 from harness.rundir import MachineRecord, MachineStatus, write_machine
@@ -104,16 +103,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hotplug-cycles", type=int, default=3, help="plug/unplug cycles per hotplug test")
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(signum)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dmesg_allow(rule, pattern='.', reason=''): expected dmesg lines")
     if not config.getoption("harness_run_dir"):
         return
     # SIGTERM becomes an exception, so fixture teardown stops the VM.
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    raise_on_sigterm()
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Recorder(Path(config.getoption("harness_run_dir"))), "harness-recorder")
 

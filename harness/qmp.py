@@ -30,6 +30,7 @@ class QmpChannel:
         self._events: list[Event] = []
         self._cond = threading.Condition()
         self._pump: asyncio.Task[None] | None = None
+        self.negotiated = False   # QEMU connected and the handshake completed (once)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self._loop)
@@ -47,6 +48,7 @@ class QmpChannel:
         """Wait for QEMU to connect and negotiate. Raises InfraError on timeout."""
         self._call(self._client.accept(), timeout)
         self._call(self._start_pump(), 5)
+        self.negotiated = True
 
     async def _start_pump(self) -> None:
         self._pump = asyncio.create_task(self._collect())

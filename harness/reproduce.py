@@ -16,9 +16,10 @@ from pathlib import Path
 
 from harness.errors import BadInput
 from harness.kernel import file_sha256
+from harness.process import sweep_stale
 from harness.results import read_records
 from harness.rundir import RunRecord, is_run_dir, new_run_id, read_run
-from harness.runner import RunRequest, make_plan, run, sweep_stale
+from harness.runner import RunRequest, make_plan, run
 
 
 def boot(req: RunRequest, results: Path) -> int:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,10 +30,10 @@ from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
-from harness.machine import die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
+from harness.process import SOCK_PREFIX, die_with_parent, kill_machines, stop_group, sweep_stale
 from harness.profiles import load_profile
 from harness.results import read_records, write_records
 from harness.rundir import (
@@ -51,8 +51,6 @@ from harness.rundir import (
 )
 from harness.tools import build_tools
 from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
-
-SOCK_PREFIX = "harness-"
 
 Prober = Callable[[], HostCaps]
 
@@ -172,58 +170,6 @@ def _reproduce_script(run_dir: Path) -> str:
         f"# Re-run {run_dir.name}: same kernel, initramfs, QEMU argv, kernel command line and tests.\n"
         f"exec {shlex.quote(sys.executable)} -m harness reproduce \"$(dirname \"$0\")\" \"$@\"\n"
     )
-
-
-def sweep_stale(tmp: Path | None = None) -> None:
-    """Remove socket directories of harness runs whose owner died (SIGKILL), and their QEMUs."""
-    base = tmp or Path(tempfile.gettempdir())
-    for d in base.glob(f"{SOCK_PREFIX}*"):
-        try:
-            if alive(int((d / "owner.pid").read_text())):
-                continue
-        except (OSError, ValueError):
-            if time.time() - d.stat().st_mtime < 60:
-                continue
-        kill_machines(d.name)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def alive(pid: int) -> bool:
-    """A running process. A zombie is dead: an owner killed with its parent may
-    wait a while for a reaper, and kill(pid, 0) still succeeds on it."""
-    try:
-        os.kill(pid, 0)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-    except PermissionError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def processes() -> Iterator[tuple[int, list[bytes]]]:
-    """(pid, argv) of every process this user can see."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                yield int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-
-
-def kill_machines(prefix: str) -> list[int]:
-    """SIGKILL every QEMU whose -name starts with `prefix-`. Returns the pids."""
-    killed = []
-    for pid, argv in processes():
-        if b"-name" in argv:
-            i = argv.index(b"-name")
-            if i + 1 < len(argv) and argv[i + 1].startswith(prefix.encode() + b"-"):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except ProcessLookupError:
-                    pass
-    return killed
 
 
 def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher: Launcher | None = None) -> int:
@@ -366,23 +312,12 @@ def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
     try:
         return child.wait(timeout=req.timeout)
     except subprocess.TimeoutExpired:
-        _stop_group(child)
+        # SIGTERM first: the fixtures in the child stop their VMs.
+        stop_group(child, term_wait=20.0)
         (run_dir / "timeout.txt").write_text(f"guest tests exceeded --timeout {req.timeout:.0f} s\n")
         return -1
     except BaseException:
-        _stop_group(child)
+        stop_group(child, term_wait=20.0)
         raise
 
 
-def _stop_group(child: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the pytest process group (fixtures stop their VMs), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            child.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue

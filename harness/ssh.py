@@ -3,22 +3,30 @@ QEMU user networking) and to remote targets (a lab box, a cloud CVM).
 
 Keys are per run: a fresh client key pair, and for our own guests a fresh host
 key that the client pins (RejectPolicy: any other host key is refused).
+`channel_factory` is how a Machine gets its guest channel: the serial agent,
+or SSH set up around the launch (`SshChannelFactory`).
 """
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import socket
-import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import paramiko
 
+from harness import process
 from harness.errors import BadInput, GuestUnresponsive, InfraError
-from harness.guest import CommandFailed, CommandResult, GuestChannel, quote, short
+from harness.guest import AgentSession, ChannelFactory, CommandFailed, CommandResult, GuestChannel, short
+from harness.initramfs import ssh_overlay
+
+if TYPE_CHECKING:
+    from harness.plan import LaunchPlan
 
 
 @dataclass(frozen=True)
@@ -70,17 +78,15 @@ def make_guest_keys(directory: Path) -> GuestKeys:
     client.write_private_key_file(str(client_path))
     client_path.chmod(0o600)
     host_path = directory / "host_key"
-    subprocess.run([dropbearkey, "-t", "ed25519", "-f", str(host_path)], check=True, capture_output=True,
-                   timeout=30)
-    out = subprocess.run([dropbearkey, "-y", "-f", str(host_path)], check=True, capture_output=True,
-                         text=True, timeout=30).stdout
+    process.run([dropbearkey, "-t", "ed25519", "-f", str(host_path)], check=True, timeout=30)
+    out = process.run([dropbearkey, "-y", "-f", str(host_path)], check=True, timeout=30).stdout
     public = next(line for line in out.splitlines() if line.startswith("ssh-"))
     return GuestKeys(client_path, f"{client.get_name()} {client.get_base64()} harness", host_path,
                      " ".join(public.split()[:2]))
 
 
 class SshSession(GuestChannel):
-    """Commands over SSH (paramiko), with the same face as the serial GuestSession."""
+    """Commands over SSH (paramiko), with the same face as the serial AgentSession."""
 
     def __init__(self, target: SshTarget, key_file: Path, host_key: str | None = None,
                  known_hosts: Path | None = None, connect_timeout: float = 30.0,
@@ -134,7 +140,7 @@ class SshSession(GuestChannel):
         # `; exit $?` keeps the remote shell in between: a command killed at the
         # deadline then ends with status 137 (as on the serial agent), not with
         # an SSH exit-signal that paramiko reports as -1.
-        wrapped = f"timeout -s KILL {max(1, int(limit + 0.999))} sh -c {quote(command)}; exit $?"
+        wrapped = f"timeout -s KILL {max(1, int(limit + 0.999))} sh -c {shlex.quote(command)}; exit $?"
         start = time.monotonic()
         try:
             _, stdout, stderr = self._client.exec_command(wrapped, timeout=limit + 10)
@@ -151,10 +157,10 @@ class SshSession(GuestChannel):
 
     def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         """Write bytes to a remote file through the session's stdin (no size limit)."""
-        self._stream(f"cat > {quote(remote)} && chmod {mode:o} {quote(remote)}", data)
+        self._stream(f"cat > {shlex.quote(remote)} && chmod {mode:o} {shlex.quote(remote)}", data)
 
     def get(self, remote: str) -> bytes:
-        return self._stream(f"cat {quote(remote)}", None)
+        return self._stream(f"cat {shlex.quote(remote)}", None)
 
     def _stream(self, command: str, data: bytes | None) -> bytes:
         try:
@@ -174,6 +180,36 @@ class SshSession(GuestChannel):
     def close(self) -> None:
         self.closed = True
         self._client.close()
+
+
+class SshChannelFactory(ChannelFactory):
+    """SSH to one of our guests: per-run keys, the initrd that carries them, a forwarded port.
+
+    The serial agent still tells when the guest is up; SSH replaces it as the
+    channel tests use once it has answered.
+    """
+
+    def __init__(self, private_dir: Path) -> None:
+        self._dir = private_dir
+        self.keys = make_guest_keys(private_dir)
+        self.ssh_port = self._port = free_port()
+
+    def prepare(self, plan: LaunchPlan) -> LaunchPlan:
+        # The keys ride in a cpio appended to the cached image, in the private
+        # directory: the kernel unpacks concatenated archives in order.
+        initrd = self._dir / "initrd.cpio"
+        initrd.write_bytes(plan.initrd.read_bytes() + ssh_overlay(self.keys.authorized_key, self.keys.host_key))
+        return replace(plan, initrd=initrd)
+
+    def open(self, agent: AgentSession, connect_timeout: float, default_timeout: float) -> GuestChannel:
+        return SshSession(SshTarget("root", "127.0.0.1", self._port), self.keys.client_key,
+                          host_key=self.keys.host_key_public, connect_timeout=connect_timeout,
+                          default_timeout=default_timeout)
+
+
+def channel_factory(channel: str, private_dir: Path) -> ChannelFactory:
+    """The factory for a plan's `channel` (serial or ssh). Raises InfraError (no dropbearkey)."""
+    return SshChannelFactory(private_dir) if channel == "ssh" else ChannelFactory()
 
 
 def _b64(text: str) -> bytes:

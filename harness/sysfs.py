@@ -7,11 +7,12 @@ functions fetch that text through a GuestChannel with one command each.
 from __future__ import annotations
 
 import re
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.guest import GuestChannel, quote
+from harness.guest import GuestChannel
 
 PCI = "/sys/bus/pci/devices"
 SWIOTLB = "/sys/kernel/debug/swiotlb"
@@ -125,4 +126,4 @@ def wait_until(probe: Callable[[], bool], timeout: float, interval: float = 0.2)
 
 
 def path_exists(guest: GuestChannel, path: str) -> bool:
-    return guest.run(f"test -e {quote(path)}").ok
+    return guest.run(f"test -e {shlex.quote(path)}").ok

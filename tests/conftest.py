@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from harness.kernel import PREBUILT_KERNEL, Kernel, resolve_kernel
-from harness.runner import processes
+from harness.process import processes
 
 REPO = Path(__file__).resolve().parent.parent
 

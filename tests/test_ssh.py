@@ -13,6 +13,7 @@ from junitparser import JUnitXml
 
 from harness.machine import Machine
 from harness.runner import RunRequest, make_plan
+from harness.ssh import SshChannelFactory
 from tests.conftest import Cli, meta
 
 
@@ -26,9 +27,13 @@ def ssh_guest(debian_kernel) -> Iterator[Machine]:  # type: ignore[no-untyped-de
         yield m
 
 
+def _ssh(m: Machine) -> SshChannelFactory:
+    assert isinstance(m.channels, SshChannelFactory)
+    return m.channels
+
+
 def _known_hosts(m: Machine, path: Path, key: str | None = None) -> Path:
-    assert m._keys is not None
-    path.write_text(f"[127.0.0.1]:{m.ssh_port} {key or m._keys.host_key_public}\n")
+    path.write_text(f"[127.0.0.1]:{_ssh(m).ssh_port} {key or _ssh(m).keys.host_key_public}\n")
     return path
 
 
@@ -57,14 +62,13 @@ def test_ssh_session_separates_stdout_stderr_and_status(ssh_guest: Machine) -> N
 
 def test_remote_target_runs_the_same_tests(cli: Cli, ssh_guest: Machine, tmp_path: Path,
                                            debian_kernel) -> None:  # type: ignore[no-untyped-def]
-    assert ssh_guest._keys is not None
     known = _known_hosts(ssh_guest, tmp_path / "known_hosts")
-    proc = cli("run", "--target", f"ssh://root@127.0.0.1:{ssh_guest.ssh_port}",
-               "--identity", str(ssh_guest._keys.client_key), "--known-hosts", str(known),
+    proc = cli("run", "--target", f"ssh://root@127.0.0.1:{_ssh(ssh_guest).ssh_port}",
+               "--identity", str(_ssh(ssh_guest).keys.client_key), "--known-hosts", str(known),
                "--kernel", str(debian_kernel.image), "--results", str(cli.results), "-k", "test_boot")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = cli.only_run()
-    assert meta(run_dir)["target"] == f"ssh://root@127.0.0.1:{ssh_guest.ssh_port}"
+    assert meta(run_dir)["target"] == f"ssh://root@127.0.0.1:{_ssh(ssh_guest).ssh_port}"
     cases = _cases(run_dir)
     assert cases["test_reached_userspace"].is_passed  # type: ignore[attr-defined]
     assert cases["test_booted_release_matches_kernel"].is_passed  # type: ignore[attr-defined]
@@ -75,11 +79,10 @@ def test_remote_target_runs_the_same_tests(cli: Cli, ssh_guest: Machine, tmp_pat
 
 
 def test_remote_target_with_another_host_key_is_refused(cli: Cli, ssh_guest: Machine, tmp_path: Path) -> None:
-    assert ssh_guest._keys is not None
     impostor = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm7nKuBbaqPAGE9bA9kKsD1Lp1D0XLbyqGw0Zr+cQ1e"
     known = _known_hosts(ssh_guest, tmp_path / "known_hosts", impostor)
-    proc = cli("run", "--target", f"ssh://root@127.0.0.1:{ssh_guest.ssh_port}",
-               "--identity", str(ssh_guest._keys.client_key), "--known-hosts", str(known),
+    proc = cli("run", "--target", f"ssh://root@127.0.0.1:{_ssh(ssh_guest).ssh_port}",
+               "--identity", str(_ssh(ssh_guest).keys.client_key), "--known-hosts", str(known),
                "--results", str(cli.results), "-k", "userspace")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "host key does not match the pinned key" in meta(cli.only_run())["failure"]["message"]

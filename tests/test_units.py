@@ -1,20 +1,25 @@
-"""Pure pieces: cpio, profiles, console and dmesg parsers, module resolution, results."""
+"""Pure pieces: cpio, profiles, console and dmesg parsers, the console reader and boot
+verdicts (over a socket pair and stand-in processes), module resolution, results."""
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from junitparser import JUnitXml
 
-from harness.console import BootScanner, split_lines
+from harness.console import BootScanner, Console, split_lines
 from harness.cpio import CpioWriter
-from harness.errors import BadInput
+from harness.errors import BadInput, BootFailure, GuestUnreachable, QemuStartError
 from harness.initramfs import resolve_modules
 from harness.kernel import bzimage_release
+from harness.machine import QemuProcess, boot_error, boot_timeout
 from harness.profiles import load_profile
 from harness.pytest_plugin import classify
 from harness.results import TestRecord, exit_code_for, write_junit
@@ -22,7 +27,7 @@ from harness.results import TestRecord, exit_code_for, write_junit
 DATA = Path(__file__).parent / "data"
 
 
-def console(name: str) -> list[str]:
+def console_text(name: str) -> list[str]:
     return (DATA / "console" / name).read_text().splitlines()
 
 
@@ -91,7 +96,7 @@ def test_unknown_profile_lists_the_available_ones() -> None:
 ])
 def test_boot_scanner(log: str, kind: str | None) -> None:
     scanner = BootScanner()
-    faults = [f for f in map(scanner.feed, console(log)) if f]
+    faults = [f for f in map(scanner.feed, console_text(log)) if f]
     assert (faults[0].kind if faults else None) == kind
 
 
@@ -99,6 +104,82 @@ def test_split_lines_keeps_the_unfinished_rest() -> None:
     lines, rest = split_lines(b"one\r\ntwo\npartial")
     assert (lines, rest) == (["one", "two"], b"partial")
 
+
+
+def _fed_console(tmp_path: Path, data: bytes, sink: list[bytes] | None = None) -> Console:
+    """A Console that has read `data` and then seen QEMU close its side."""
+    ours, qemus = socket.socketpair()
+    console = Console(ours, tmp_path / "console.log", sink.append if sink is not None else None)
+    console.start("console-test")
+    qemus.sendall(data)
+    qemus.close()
+    console.wait_closed(5)
+    return console
+
+
+def test_console_tees_every_byte_then_scans_the_lines(tmp_path: Path) -> None:
+    data = (DATA / "console" / "panic-no-init.log").read_bytes().replace(b"\n", b"\r\n") + b"cut off"
+    sink: list[bytes] = []
+    console = _fed_console(tmp_path, data, sink)
+    assert (tmp_path / "console.log").read_bytes() == data == b"".join(sink)
+    assert console.bytes_read == len(data)
+    assert console.lines() == [*console_text("panic-no-init.log"), "cut off"]
+    assert console.fault is not None and console.fault.kind == "panic"
+    console.close()
+    console.close()
+
+
+def test_console_close_wakes_and_joins_its_reader(tmp_path: Path) -> None:
+    ours, qemus = socket.socketpair()
+    console = Console(ours, tmp_path / "console.log")
+    console.start("console-join-test")
+    console.close()  # QEMU's side is still open: the reader sits in recv()
+    assert "console-join-test" not in [t.name for t in threading.enumerate()]
+    qemus.close()
+
+
+@pytest.fixture
+def exited_qemu(tmp_path: Path) -> QemuProcess:
+    """A stand-in for a QEMU that printed to its log and exited with status 3."""
+    qemu = QemuProcess(["sh", "-c", "echo 'qemu: cannot set up guest memory' >&2; exit 3"], tmp_path / "qemu.log")
+    qemu.wait(10)
+    return qemu
+
+
+@pytest.fixture
+def running_qemu(tmp_path: Path) -> Iterator[QemuProcess]:
+    qemu = QemuProcess(["sleep", "60"], tmp_path / "qemu.log")
+    yield qemu
+    assert qemu.stop(term_wait=None)
+
+
+@pytest.mark.parametrize(("log", "verdict"), [
+    ("panic-no-init.log", "kernel panic during boot: "),          # the fault wins over QEMU's exit
+    ("clean-boot.log", "QEMU exited with status 3 during boot (guest reset or powered off)"),
+    ("", "QEMU exited with status 3 before any console output"),
+])
+def test_boot_verdict_once_qemu_exited(tmp_path: Path, exited_qemu: QemuProcess, log: str, verdict: str) -> None:
+    console = _fed_console(tmp_path, (DATA / "console" / log).read_bytes() if log else b"")
+    error = boot_error(console, exited_qemu)
+    assert error is not None and str(error).startswith(verdict)
+    if log:
+        assert isinstance(error, BootFailure) and error.lines
+    else:
+        assert isinstance(error, QemuStartError) and "cannot set up guest memory" in str(error)
+
+
+def test_boot_verdict_while_qemu_runs(tmp_path: Path, running_qemu: QemuProcess) -> None:
+    assert boot_error(_fed_console(tmp_path, b"Linux version 6.1.0\n"), running_qemu) is None
+    oops = _fed_console(tmp_path, (DATA / "console" / "oops-null-deref.log").read_bytes())
+    assert str(boot_error(oops, running_qemu)).startswith("kernel oops during boot: ")
+
+
+def test_boot_verdict_at_the_deadline(tmp_path: Path) -> None:
+    silent = boot_timeout(_fed_console(tmp_path, b""), 4)
+    assert isinstance(silent, GuestUnreachable) and "no console output" in str(silent)
+    printed = boot_timeout(_fed_console(tmp_path, (DATA / "console" / "clean-boot.log").read_bytes()), 8)
+    assert isinstance(printed, BootFailure) and str(printed).startswith("no userspace within 8 s")
+    assert printed.lines
 
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio.ko:
@@ -156,23 +237,6 @@ def test_device_args_follow_qemu_property_types() -> None:
     args = device_args("virtio-blk-pci,id=d0,serial=0123,disable-legacy=on,iommu_platform=on,num-queues=2", types)
     assert args == {"driver": "virtio-blk-pci", "id": "d0", "serial": "0123", "disable-legacy": "on",
                     "iommu_platform": True, "num-queues": 2}
-
-
-def test_a_zombie_owner_counts_as_dead() -> None:
-    import os
-    import subprocess
-    import time
-
-    from harness.runner import alive
-
-    assert alive(os.getpid())
-    child = subprocess.Popen(["true"])
-    deadline = time.monotonic() + 5
-    while alive(child.pid) and time.monotonic() < deadline:  # exited, not yet reaped: a zombie
-        time.sleep(0.01)
-    assert not alive(child.pid)
-    child.wait()
-    assert not alive(child.pid)
 
 
 def test_sysfs_parsers() -> None:

@@ -1,0 +1,170 @@
+"""Processes the harness starts, stops and outlives: one place for each rule.
+
+- Parent death: QEMU and the pytest child die with the process that owns them
+  (PDEATHSIG), even when that process is SIGKILLed and no `finally` runs.
+- Liveness: which processes are alive, which QEMUs belong to a run (by their
+  `-name`), and sweeping the socket directories of runs whose owner died.
+- Stopping: SIGTERM to a process group, then SIGKILL.
+- Signals: SIGTERM raised as `errors.Terminated`, so cleanup in `finally` runs.
+- Short-lived helpers (`run`): argument lists only, a deadline always, failures
+  mapped to the harness's error types.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Literal, overload
+
+from harness.errors import InfraError, Terminated
+
+_PR_SET_PDEATHSIG = 1
+
+SOCK_PREFIX = "harness-"
+"""Prefix of a run's private socket directory in TMPDIR (it holds `owner.pid`)."""
+
+DEFAULT_TIMEOUT = 60.0
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for children that must not outlive the process that owns them."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def alive(pid: int) -> bool:
+    """A running process. A zombie is dead: an owner killed with its parent may
+    wait a while for a reaper, and kill(pid, 0) still succeeds on it."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    except PermissionError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process this user can see."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                yield int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+
+
+def kill_machines(prefix: str) -> list[int]:
+    """SIGKILL every QEMU whose -name starts with `prefix-`. Returns the pids."""
+    killed = []
+    for pid, argv in processes():
+        if b"-name" in argv:
+            i = argv.index(b"-name")
+            if i + 1 < len(argv) and argv[i + 1].startswith(prefix.encode() + b"-"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+    return killed
+
+
+def sweep_stale(tmp: Path | None = None) -> None:
+    """Remove socket directories of harness runs whose owner died (SIGKILL), and their QEMUs."""
+    base = tmp or Path(tempfile.gettempdir())
+    for d in base.glob(f"{SOCK_PREFIX}*"):
+        try:
+            if alive(int((d / "owner.pid").read_text())):
+                continue
+        except (OSError, ValueError):
+            # No owner.pid yet: a run that is starting right now, unless it is old.
+            if time.time() - d.stat().st_mtime < 60:
+                continue
+        kill_machines(d.name)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def stop_group(proc: subprocess.Popen[bytes], term_wait: float | None, kill_wait: float = 10.0) -> bool:
+    """Stop the process group led by `proc` (started with start_new_session).
+
+    SIGTERM, then SIGKILL once `term_wait` seconds pass (term_wait=None: SIGKILL
+    at once). True once the leader is gone and reaped; False if it survived
+    SIGKILL for `kill_wait` seconds (stuck in the kernel).
+    """
+    steps = ((signal.SIGTERM, term_wait),) if term_wait is not None else ()
+    for sig, wait in (*steps, (signal.SIGKILL, kill_wait)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return True
+        try:
+            proc.wait(wait)
+            return True
+        except subprocess.TimeoutExpired:
+            continue
+    return False
+
+
+def raise_on_sigterm() -> Callable[[], None]:
+    """From now on SIGTERM raises `Terminated` in the main thread, so `finally`
+    blocks (stopping VMs, writing meta.json) run. Returns a function that puts
+    the previous handler back."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+@overload
+def run(argv: Sequence[str], *, timeout: float = ..., check: bool = ..., text: Literal[True] = ...,
+        input: str | None = ..., cwd: Path | None = ..., env: Mapping[str, str] | None = ...,
+        what: str | None = ...) -> subprocess.CompletedProcess[str]: ...
+
+
+@overload
+def run(argv: Sequence[str], *, timeout: float = ..., check: bool = ..., text: Literal[False],
+        input: bytes | None = ..., cwd: Path | None = ..., env: Mapping[str, str] | None = ...,
+        what: str | None = ...) -> subprocess.CompletedProcess[bytes]: ...
+
+
+def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = False, text: bool = True,
+        input: str | bytes | None = None, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+        what: str | None = None) -> subprocess.CompletedProcess[str] | subprocess.CompletedProcess[bytes]:
+    """Run a program to completion with its output captured; never through a shell.
+
+    Raises InfraError (named by `what`, default the program) when the program
+    is missing or cannot start, outlives `timeout` seconds (it is killed), or,
+    with check=True, exits non-zero (with the end of its stderr).
+    """
+    name = what or Path(argv[0]).name
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=text, timeout=timeout, input=input,
+                              cwd=cwd, env=env, stdin=subprocess.DEVNULL if input is None else None)
+    except FileNotFoundError:
+        raise InfraError(f"{name}: {argv[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise InfraError(f"{name}: no result within {timeout:g} s (killed)") from None
+    except OSError as e:
+        raise InfraError(f"{name}: cannot run {argv[0]}: {e.strerror}") from None
+    if check and proc.returncode != 0:
+        err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode("utf-8", "replace")
+        tail = " | ".join(err.strip().splitlines()[-3:])
+        raise InfraError(f"{name}: exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
+    return proc
