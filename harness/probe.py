@@ -339,7 +339,8 @@ _TIO_PROPERTIES = ("x-tio", "tio", "x-secure-mode", "secure-mode")
 def qemu_vfio_tio(qemu: str) -> Fact:
     """The TIO property of vfio-pci, if this QEMU has one (`-device vfio-pci,help`).
 
-    AMD's tree adds `x-tio` (seed 001); Intel's TDX Connect tree `x-secure-mode`.
+    AMD's SEV-TIO tree adds `x-tio` (SEV-TIO RFC, linux-coco, 2024-25); Intel's TDX Connect tree
+    (intel/lkvs) `x-secure-mode`.
     """
     names = set(_vfio_pci_properties(qemu))
     for prop in _TIO_PROPERTIES:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from junitparser import JUnitXml
@@ -19,6 +20,7 @@ from harness.probe import Fact, HostCaps, probe_host
 from harness.profiles import Profile, apply_params, available, load_profile
 from harness.qemu_check import check_profile_argv, classify_qemu_error
 from tests.conftest import REPO, Cli, meta
+from tests.test_probe import recorded_host
 
 COCO = ["sev", "sev-es", "snp", "tdx", "tio", "hyperv"]
 # What `-object <type>,help` lists in QEMU 10.2.2 (Debian's 1:10.2.2+ds-1), recorded.
@@ -75,6 +77,26 @@ def test_plain_host_falls_back_for_every_coco_profile(tmp_path: Path) -> None:
         assert choice.verdict == "falls back", name
         assert choice.effective.name == load_profile(name).twin
         assert any(r.startswith("kvm unusable") for r in choice.reasons)
+
+
+@pytest.mark.parametrize(("tree", "runs"), [
+    ("snp-host", {"sev", "sev-es", "snp", "tio", "hyperv"}),
+    ("tdx-host", {"tdx", "hyperv"}),
+    ("tsm-6.19-connected", {"sev", "sev-es", "snp", "tio", "hyperv"}),
+    ("plain-host", {"hyperv"}),
+])
+def test_probe_decisions_on_recorded_hosts(tmp_path: Path, tree: str, runs: set[str]) -> None:
+    """Which CoCo profiles run for real on each recorded host (KVM usable, QEMU recorded as 10.2.2 with TIO)."""
+    recorded_host(tree, tmp_path)
+    caps = host(tmp_path, {})
+    verdicts = {name: choose_profile(name, {"host_bdf": "0000:41:00.1"} if name == "tio" else {}, caps)
+                for name in COCO}
+    assert {name for name, c in verdicts.items() if c.verdict == "runs"} == runs
+    for name, choice in verdicts.items():
+        if name not in runs:
+            assert choice.verdict == "falls back" and choice.reasons, name
+    if tree == "tsm-6.19-connected":
+        assert caps.pci_tsm.device("0000:41:00.1") is not None
 
 
 def test_strict_and_force(tmp_path: Path) -> None:
@@ -309,21 +331,56 @@ def test_forced_snp_without_hardware_is_qemus_own_exit_3(cli: Cli) -> None:
     assert "KVM" in failure["message"]  # QEMU's words: KVM required / failed to initialize kvm
 
 
-def test_emulated_snp_run_skips_hardware_checks_and_passes_the_dma_path(cli: Cli) -> None:
-    if probe_host().sev_snp.value:
-        pytest.skip("this host has SNP: the run would not be emulated")
-    proc = cli("run", "--profile", "snp", "--results", str(cli.results))
+HARDWARE_CHECKS = ("test_memory_encryption_banner_matches_profile", "test_guest_device_node",
+                   "test_configfs_tsm_report", "test_configfs_tsm_generation_counts_reports",
+                   "test_configfs_tsm_refuses_a_wrong_size_inblob", "test_snp_vmpl_is_readable",
+                   "test_tdx_guest_detected", "test_tdx_measurement_registers", "test_lazy_memory_accept")
+DMA_PATH_CHECKS = ("test_swiotlb_pool", "test_virtio_negotiated_access_platform",
+                   "test_no_encryption_claimed_without_hardware")
+
+
+def _emulated_cases(cli: Cli, profile: str, *pytest_args: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    proc = cli("run", "--profile", profile, "--results", str(cli.results), *pytest_args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = cli.only_run()
     m = meta(run_dir)
-    assert (m["profile"]["requested"], m["profile"]["effective"]) == ("snp", "coco-emulated")
+    assert (m["profile"]["requested"], m["profile"]["effective"]) == (profile, load_profile(profile).twin)
+    assert f"FELL BACK to {load_profile(profile).twin}" in proc.stdout
+    return m, {c.name: c for suite in JUnitXml.fromfile(str(run_dir / "junit.xml")) for c in suite}
+
+
+def test_emulated_snp_run_skips_hardware_checks_and_passes_the_dma_path(cli: Cli) -> None:
+    if probe_host().sev_snp.value:
+        pytest.skip("this host has SNP: the run would not be emulated")
+    m, cases = _emulated_cases(cli, "snp")
     assert any("sev_snp" in r for r in m["profile"]["reasons"])
-    assert "FELL BACK to coco-emulated" in proc.stdout
-    cases = {c.name: c for suite in JUnitXml.fromfile(str(run_dir / "junit.xml")) for c in suite}
-    for name in ("test_memory_encryption_banner_matches_profile", "test_guest_device_node",
-                 "test_configfs_tsm_report", "test_snp_vmpl_is_readable"):
+    for name in HARDWARE_CHECKS:
         assert cases[name].is_skipped, name
-        assert "emulated run - profile snp fell back to coco-emulated" in cases[name].result[0].message
-    for name in ("test_swiotlb_pool", "test_virtio_negotiated_access_platform",
-                 "test_no_encryption_claimed_without_hardware"):
+        message = cases[name].result[0].message
+        if name.startswith("test_tdx"):
+            assert "is not tdx (coco: snp)" in message, (name, message)
+        else:
+            assert "emulated run - profile snp fell back to coco-emulated" in message, (name, message)
+    for name in DMA_PATH_CHECKS:
         assert cases[name].is_passed, name
+
+
+@pytest.mark.parametrize("profile", ["sev", "sev-es", "tdx", "tio"])
+def test_emulated_coco_runs_skip_every_hardware_check_with_its_reason(cli: Cli, profile: str) -> None:
+    """The CoCo suite (and the TIO workflow) of each emulated profile: no CoCo assertion passes."""
+    caps = probe_host()
+    if choose_profile(profile, {"host_bdf": "0000:41:00.1"} if profile == "tio" else {}, caps).verdict == "runs":
+        pytest.skip(f"this host runs {profile} for real: the run would not be emulated")
+    _, cases = _emulated_cases(cli, profile, "-k", "test_coco or tio_workflow")
+    coco = load_profile(profile).coco
+    for name in HARDWARE_CHECKS:
+        assert cases[name].is_skipped, name
+        message = cases[name].result[0].message
+        if name.startswith("test_configfs") and coco in ("sev", "sev-es"):
+            assert "no report provider on SEV/SEV-ES" in message, (name, message)
+        else:
+            assert "emulated run" in message or f"(coco: {coco})" in message, (name, message)
+    for name in DMA_PATH_CHECKS:
+        assert cases[name].is_passed, name
+    if profile == "tio":
+        assert cases["test_tio_workflow"].is_passed  # edu hot-plugged into the twin
