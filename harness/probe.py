@@ -36,7 +36,7 @@ _PROBE_EXIT = 0x2A
 QEMU_CANDIDATES = ("qemu-system-x86_64",)
 # Objects whose presence decides profiles and parameters (`-object help`).
 QEMU_OBJECTS = ("sev-guest", "sev-snp-guest", "tdx-guest", "igvm-cfg", "iommufd")
-# Objects whose properties decide optional profile parameters (`-object <type>,help`).
+# Objects whose properties decide optional profile parameters (QMP qom-list-properties).
 QEMU_PROPERTY_OBJECTS = ("sev-guest", "sev-snp-guest", "tdx-guest")
 
 
@@ -132,7 +132,7 @@ class HostCaps:
     vfio_iommufd: Fact = Fact(None, "not probed")
     cbitpos: Fact = Fact(None, "not probed")
     firmware: dict[str, Fact] = field(default_factory=dict)
-    # Per object type: its properties as a comma-separated list (`-object <type>,help`).
+    # Per object type: its properties as a comma-separated list (QMP qom-list-properties).
     qemu_properties: dict[str, Fact] = field(default_factory=dict)
     pci_tsm: PciTsmState = field(default_factory=lambda: PciTsmState((), (), "not probed"))
 
@@ -316,21 +316,50 @@ def qemu_objects(qemu: str) -> list[str]:
 
 
 def parse_property_help(text: str) -> list[str]:
-    """Property names from `-object <type>,help` / `-device <dev>,help` output.
+    """Property names from `-device <dev>,help` output.
 
-    QEMU prints a header (`sev-snp-guest options:`) and then one indented
+    QEMU prints a header (`vfio-pci options:`) and then one indented
     `  name=<type>  - description` line per property.
     """
     return sorted({m.group(1) for m in re.finditer(r"^\s+([\w.-]+)=", text, re.M)})
 
 
-def qemu_object_properties(qemu: str, qom_type: str) -> Fact:
-    """The properties of one object type, or None when this QEMU lacks the type."""
-    proc = subprocess.run([qemu, "-object", f"{qom_type},help"], capture_output=True, text=True, timeout=10)
-    names = parse_property_help(proc.stdout)
-    if proc.returncode != 0 or not names:
-        return Fact(None, f"{qemu} -object {qom_type},help: no such object")
-    return Fact(",".join(names), f"{qemu} -object {qom_type},help")
+def qemu_object_properties(qemu: str, qom_types: list[str]) -> dict[str, Fact]:
+    """The properties of each object type, through QMP `qom-list-properties`.
+
+    Not `-object <type>,help`: that lists class properties only, and tdx-guest
+    adds all of its properties per instance ("There are no options for
+    tdx-guest" in QEMU 10.2). qom-list-properties makes an instance, so it sees
+    them. One `-machine none` QEMU answers for all types.
+    """
+    requests = [{"execute": "qmp_capabilities"},
+                *({"execute": "qom-list-properties", "arguments": {"typename": t}} for t in qom_types),
+                {"execute": "quit"}]
+    what = f"{qemu} QMP qom-list-properties"
+    try:
+        proc = subprocess.run([qemu, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
+                              input="\n".join(json.dumps(r) for r in requests) + "\n", capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {t: Fact(None, f"{what}: {e}") for t in qom_types}
+    answers = []
+    for line in proc.stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if "return" in msg or "error" in msg:
+            answers.append(msg)
+    found: dict[str, Fact] = {}
+    for qom_type, answer in zip(qom_types, answers[1:], strict=False):
+        if isinstance(answer.get("return"), list):
+            names = sorted(str(p["name"]) for p in answer["return"] if p.get("name") != "type")
+            found[qom_type] = Fact(",".join(names), f"{what} {qom_type}")
+        else:
+            found[qom_type] = Fact(None, f"{what} {qom_type}: {answer.get('error', {}).get('desc', 'no answer')}")
+    for qom_type in qom_types:
+        found.setdefault(qom_type, Fact(None, f"{what} {qom_type}: no answer"))
+    return found
 
 
 _TIO_PROPERTIES = ("x-tio", "tio", "x-secure-mode", "secure-mode")
@@ -458,7 +487,7 @@ def probe_host(root: Path = Path("/"), use_cache: bool = True, qemu: str | None 
         qemu=Fact(qemu, _qemu_origin(given, qemu)),
         qemu_version=Fact(version, f"{qemu} --version" if qemu else "no QEMU"),
         qemu_objects=Fact(",".join(objects), f"{qemu} -object help" if qemu else "no QEMU"),
-        qemu_properties={t: qemu_object_properties(qemu, t) for t in QEMU_PROPERTY_OBJECTS if t in objects}
+        qemu_properties=qemu_object_properties(qemu, [t for t in QEMU_PROPERTY_OBJECTS if t in objects])
         if qemu else {},
         sev=_with_dmesg(sev, log, "sev_api"),
         sev_es=_module_flag(root, "kvm_amd", "sev_es"),

@@ -23,12 +23,13 @@ from tests.conftest import REPO, Cli, meta
 from tests.test_probe import recorded_host
 
 COCO = ["sev", "sev-es", "snp", "tdx", "tio", "hyperv"]
-# What `-object <type>,help` lists in QEMU 10.2.2 (Debian's 1:10.2.2+ds-1), recorded.
+# What QMP qom-list-properties answers in QEMU 10.2.2 (Debian's 1:10.2.2+ds-1), recorded.
 QEMU_10_2_PROPERTIES = {
-    "sev-guest": "dh-cert-file,kernel-hashes,legacy-vm-type,session-file,sev-device",
-    "sev-snp-guest": "author-key-enabled,guest-visible-workarounds,host-data,id-auth,id-block,kernel-hashes,"
-                     "policy,sev-device,vcek-disabled",
-    "tdx-guest": "mrconfigid,mrowner,mrownerconfig,quote-generation-socket",
+    "sev-guest": "cbitpos,dh-cert-file,handle,kernel-hashes,legacy-vm-type,policy,reduced-phys-bits,session-file,"
+                 "sev-device",
+    "sev-snp-guest": "author-key-enabled,cbitpos,guest-visible-workarounds,host-data,id-auth,id-block,"
+                     "kernel-hashes,policy,reduced-phys-bits,sev-device,vcek-disabled",
+    "tdx-guest": "attributes,mrconfigid,mrowner,mrownerconfig,quote-generation-socket,sept-ve-disable",
 }
 
 
@@ -229,6 +230,9 @@ def test_every_profile_passes_the_newest_qemu_parser(cli: Cli, newest_qemu: str)
     report = json.loads(proc.stdout)
     assert report["qemu"]["value"] == newest_qemu and report["qemu"]["evidence"] == "given with --qemu"
     assert "tdx-guest" in report["qemu_objects"]["value"].split(","), report["qemu_objects"]
+    # tdx-guest adds its properties per instance: only qom-list-properties sees them.
+    assert report["qemu_properties"]["tdx-guest"]["value"] == QEMU_10_2_PROPERTIES["tdx-guest"] or \
+        report["qemu_version"]["value"] != "10.2.2"
     verdicts = {row["profile"]: (row["qemu_check"], row["qemu_message"]) for row in report["profiles"]}
     assert set(verdicts) == set(available())
     bad = {name: v for name, v in verdicts.items() if v[0] not in ("accepted", "needs-hardware")}
