@@ -163,3 +163,23 @@ def test_tio_connect_the_kernel_refuses_is_infra(tmp_path: Path) -> None:
         (root / "sys/bus/pci/devices/0000:41:00.0/tsm/connect").mkdir()
     with pytest.raises(InfraError, match=r"TIO: writing tsm0 to .*0000:41:00.0/tsm/connect failed"):
         connect_host_device("0000:41:00.1", root, timeout=1)
+
+
+@pytest.mark.parametrize(("files", "name", "found"), [
+    # canonical/tdx boots TDs with Ubuntu's plain OVMF.fd.
+    (["usr/share/ovmf/OVMF.fd"], "tdvf", "/usr/share/ovmf/OVMF.fd"),
+    (["usr/share/ovmf/OVMF.fd", "usr/share/ovmf/OVMF.inteltdx.fd"], "tdvf", "/usr/share/ovmf/OVMF.inteltdx.fd"),
+    # Fedora/RHEL's edk2-ovmf layout.
+    (["usr/share/edk2/ovmf/OVMF.amdsev.fd"], "ovmf-amdsev", "/usr/share/edk2/ovmf/OVMF.amdsev.fd"),
+    (["usr/share/edk2/ovmf/OVMF.inteltdx.fd"], "tdvf", "/usr/share/edk2/ovmf/OVMF.inteltdx.fd"),
+    (["usr/share/OVMF/OVMF.fd"], "ovmf", "/usr/share/OVMF/OVMF.fd"),
+    ([], "tdvf", None),
+])
+def test_firmware_search_paths(tmp_path: Path, files: list[str], name: str, found: str | None) -> None:
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\0")
+    fact = probe_host(tmp_path).firmware[name]
+    assert fact.value == found, fact
+    if found is None:
+        assert "/usr/share/edk2/ovmf/OVMF.inteltdx.fd" in fact.evidence
