@@ -8,6 +8,7 @@ emulated twins, which reproduce a CoCo guest's DMA path with swiotlb=force.
 
 from __future__ import annotations
 
+import base64
 import re
 
 import pytest
@@ -68,19 +69,113 @@ def test_snp_vmpl_is_readable(guest: GuestChannel, run_info: RunInfo) -> None:
     assert guest.read_text(path).strip().isdigit()
 
 
-def test_configfs_tsm_report(guest: GuestChannel, run_info: RunInfo) -> None:
-    run_info.require_coco("sev", "sev-es", "snp", "tdx", what="configfs-tsm attestation report")
-    if not guest.run("test -d /sys/kernel/config/tsm/report").ok:
+REPORT = "/sys/kernel/config/tsm/report"
+PROVIDER = {"snp": "sev_guest", "tdx": "tdx_guest"}
+# TSM_REPORT_INBLOB_MAX (include/linux/tsm.h): user data for the report, 64 bytes.
+INBLOB_MAX = 64
+
+
+def _report_dir(guest: GuestChannel, run_info: RunInfo, what: str) -> str:
+    """A fresh configfs-tsm report directory, or a skip saying why there cannot be one.
+
+    Only SNP (sev_guest) and TDX (tdx_guest) register a report provider: on SEV
+    and SEV-ES creating a report fails with ENXIO (drivers/virt/coco/guest/report.c).
+    """
+    if run_info.requested_coco in ("sev", "sev-es"):
+        pytest.skip(f"{what}: no report provider on SEV/SEV-ES (only sev_guest on SNP and tdx_guest on TDX "
+                    f"register one; profile {run_info.profile})")
+    run_info.require_coco("snp", "tdx", what=what)
+    if not guest.run(f"test -d {REPORT}").ok:
         pytest.skip(f"kernel {run_info.kernel_release} has no configfs-tsm (CONFIG_TSM_REPORTS, 6.7+)")
-    guest.check("mkdir /sys/kernel/config/tsm/report/r0")
+    path = f"{REPORT}/harness{guest.check('echo $$').strip()}"
+    guest.check(f"mkdir {path}")
+    return path
+
+
+def _quote_service(run_info: RunInfo) -> str:
+    plan = run_info.require_plan("attestation quote")
+    return plan.requested_profile.param("quote_socket") or ""
+
+
+def test_configfs_tsm_report(guest: GuestChannel, run_info: RunInfo) -> None:
+    path = _report_dir(guest, run_info, "configfs-tsm attestation report")
     try:
-        guest.check("head -c 64 /dev/urandom > /sys/kernel/config/tsm/report/r0/inblob")
-        size = int(guest.check("wc -c < /sys/kernel/config/tsm/report/r0/outblob").strip())
-        provider = guest.read_text("/sys/kernel/config/tsm/report/r0/provider").strip()
+        guest.check(f"head -c {INBLOB_MAX} /dev/urandom > {path}/inblob")
+        provider = guest.read_text(f"{path}/provider").strip()
+        assert provider == PROVIDER[run_info.coco], provider
+        if run_info.coco == "tdx" and not _quote_service(run_info):
+            # QEMU answers GetQuote with QGS_UNAVAILABLE: the outblob stays empty.
+            pytest.skip("TDX quote: profile tdx has no quote_socket (no quote-generation service on the "
+                        "host), so the outblob is empty by design; pass --param quote_socket=vsock:2:4050")
+        size = int(guest.check(f"wc -c < {path}/outblob").strip())
+        assert size > 0, "empty attestation report"
     finally:
-        guest.run("rmdir /sys/kernel/config/tsm/report/r0")
-    assert size > 0
-    assert provider == {"tdx": "tdx_guest"}.get(run_info.coco, "sev_guest")
+        guest.run(f"rmdir {path}")
+
+
+def test_configfs_tsm_generation_counts_reports(guest: GuestChannel, run_info: RunInfo) -> None:
+    path = _report_dir(guest, run_info, "configfs-tsm generation")
+    try:
+        if not guest.run(f"test -r {path}/generation").ok:
+            pytest.skip(f"kernel {run_info.kernel_release} has no configfs-tsm generation attribute")
+        counts = []
+        for _ in range(2):
+            guest.check(f"head -c {INBLOB_MAX} /dev/urandom > {path}/inblob")
+            counts.append(int(guest.read_text(f"{path}/generation").strip()))
+        assert counts[1] == counts[0] + 1, f"generation {counts}: each inblob write is a new report"
+    finally:
+        guest.run(f"rmdir {path}")
+
+
+def test_configfs_tsm_refuses_a_wrong_size_inblob(guest: GuestChannel, run_info: RunInfo) -> None:
+    path = _report_dir(guest, run_info, "configfs-tsm inblob size")
+    try:
+        too_big = guest.run(f"head -c {INBLOB_MAX + 1} /dev/zero > {path}/inblob")
+        assert not too_big.ok, f"a {INBLOB_MAX + 1}-byte inblob was accepted"
+        # SNP and TDX take exactly 64 bytes of report data: a shorter one gets no report.
+        guest.check(f"head -c 32 /dev/zero > {path}/inblob")
+        short = guest.run(f"cat {path}/outblob > /dev/null")
+        assert not short.ok, "a report was produced for a 32-byte inblob"
+    finally:
+        guest.run(f"rmdir {path}")
+
+
+def test_tdx_guest_detected(dmesg_lines: list[str], guest: GuestChannel, run_info: RunInfo) -> None:
+    run_info.require_coco("tdx", what="TDX guest detection")
+    assert any("tdx: Guest detected" in line for line in dmesg_lines), "no 'tdx: Guest detected' in dmesg"
+    flags = next((line for line in guest.read_text("/proc/cpuinfo").splitlines() if line.startswith("flags")), "")
+    assert "tdx_guest" in flags.split(), "no tdx_guest flag in /proc/cpuinfo"
+
+
+MEASUREMENTS = "/sys/class/misc/tdx_guest/measurements"
+
+
+def test_tdx_measurement_registers(guest: GuestChannel, run_info: RunInfo) -> None:
+    run_info.require_coco("tdx", what="TDX measurement registers")
+    if not guest.run(f"test -d {MEASUREMENTS}").ok:
+        pytest.skip(f"kernel {run_info.kernel_release} has no {MEASUREMENTS} (TSM_MEASUREMENTS, 6.16+)")
+    listing = guest.check(f"cd {MEASUREMENTS} && for f in *; do echo $f $(wc -c < $f); done")
+    sizes = dict(line.split() for line in listing.splitlines() if line.strip())
+    for reg in ("mrtd:sha384", "rtmr0:sha384", "rtmr1:sha384", "rtmr2:sha384", "rtmr3:sha384"):
+        assert sizes.get(reg) == "48", f"{reg}: {sizes.get(reg)} bytes (SHA384 is 48)"
+    want = run_info.require_plan("mrconfigid").requested_profile.param("mrconfigid")
+    if want and "mrconfigid" in sizes:
+        got = guest.check(f"od -An -v -tx1 {MEASUREMENTS}/mrconfigid").split()
+        assert bytes.fromhex("".join(got)) == base64.b64decode(want), "MRCONFIGID differs from the profile's"
+
+
+def test_lazy_memory_accept(guest: GuestChannel, run_info: RunInfo) -> None:
+    """TDX and SNP guests accept memory on first use (accept_memory=lazy, the default)."""
+    run_info.require_coco("tdx", "snp", what="lazy memory accept")
+    cmdline = _cmdline(guest)
+    if "accept_memory=eager" in cmdline:
+        pytest.skip("accept_memory=eager on the command line: everything was accepted at boot")
+    vmstat = dict(line.split() for line in guest.read_text("/proc/vmstat").splitlines() if line.strip())
+    if "nr_unaccepted" not in vmstat:
+        pytest.skip(f"kernel {run_info.kernel_release} has no nr_unaccepted (CONFIG_UNACCEPTED_MEMORY, 6.5+)")
+    meminfo = guest.read_text("/proc/meminfo")
+    assert re.search(r"^Unaccepted:\s+\d+ kB", meminfo, re.M), "nr_unaccepted without Unaccepted in /proc/meminfo"
+    assert int(vmstat["nr_unaccepted"]) >= 0
 
 
 def test_swiotlb_pool(guest: GuestChannel, run_info: RunInfo) -> None:

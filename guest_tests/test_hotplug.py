@@ -1,5 +1,6 @@
 """PCI hotplug sequences driven through QMP: edu, NVMe, virtio-blk; unplug under
-DMA; guest-initiated remove and rescan; the TIO workflow of seed 001.
+DMA; guest-initiated remove and rescan; the TIO workflow of AMD's SEV-TIO RFC
+(connect on the host, boot without the device, hot-plug it, enable it, use it).
 
 Whether QEMU uses ACPI or native PCIe hotplug is the profile's choice
 (emulated: ACPI; emulated-pciehp: native, with its 5 s attention-button delay).
@@ -8,11 +9,13 @@ Whether QEMU uses ACPI or native PCIe hotplug is the profile's choice
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from harness.guest import GuestChannel
-from harness.hotplug import device_args, plug, unplug
+from harness.hotplug import TioStep, connect_host_device, device_args, plug, unplug
 from harness.machine import Machine
 from harness.pytest_plugin import RunInfo
 from harness.qmp import QmpChannel
@@ -109,19 +112,33 @@ def test_remove_and_rescan(guest: GuestChannel) -> None:
     assert again and (again[0].vendor, again[0].device) == EDU
 
 
-def test_tio_workflow(machine: Machine, guest: GuestChannel, qmp: QmpChannel, run_info: RunInfo) -> None:
-    """Seed 001: boot without the device, hot-plug it, enable it, poke its BAR."""
+def test_tio_workflow(machine: Machine, guest: GuestChannel, qmp: QmpChannel, run_info: RunInfo,
+                      record_property: Callable[[str, object], None]) -> None:
+    """Connect the host device to the TSM, hot-plug it after boot, enable it, poke its BAR.
+
+    Each host step and its state goes into the run's test record (`tio_steps`).
+    """
     specs = machine.plan.profile.hotplug
     if not specs:
         pytest.skip(f"profile {run_info.profile} hot-plugs no device after boot (tio and tio-emulated do)")
     args = device_args(specs[0])
-    if args["driver"] == "edu":
-        ids, expect = EDU, "0x0000: 0x010000ED"
+    if args["driver"] == "vfio-pci":
+        # Linux 6.19 PCI TSM: connect before QEMU maps the device; recorded either way.
+        bdf = str(args["host"])
+        steps = connect_host_device(bdf)
+        ids = tuple(Path(f"/sys/bus/pci/devices/{bdf}/{f}").read_text().strip() for f in ("vendor", "device"))
     else:
-        pytest.skip(f"TIO device {args['driver']}: its register map is the lab's; run with a device test")
-    plugged = plug(qmp, guest, specs[0], *ids)
+        steps = [TioStep("host PCI TSM", f"not used: profile {run_info.profile} hot-plugs an emulated "
+                                         f"{args['driver']} device")]
+        ids = EDU
+    record_property("tio_steps", [step.to_json() for step in steps])
+    plugged = plug(qmp, guest, specs[0], ids[0], ids[1])
     guest.check(f"echo 1 > {plugged.device.path}/enable")
+    if args["driver"] != "edu":
+        unplug(qmp, guest, plugged)
+        pytest.skip(f"TIO device {args['driver']} {ids[0]}:{ids[1]} plugged and enabled; its register map is "
+                    "the lab's: run a device test for its BARs")
     enc = plugged.device.resource(0, enc=True)
     target = enc if path_exists(guest, enc) else plugged.device.resource(0)
-    assert guest.check(f"pcimem {target} 0 w*4").splitlines()[0] == expect
+    assert guest.check(f"pcimem {target} 0 w*4").splitlines()[0] == "0x0000: 0x010000ED"
     unplug(qmp, guest, plugged)

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="re-run the KVM probe guest")
     p.add_argument("--check-argv", action="store_true",
                    help="also start each profile's capable-host argv with -S and report QEMU's verdict")
+    p.add_argument("--qemu", metavar="PATH",
+                   help="probe this QEMU binary (default: $HARNESS_QEMU, else qemu-system-x86_64 on PATH; "
+                        "bin/build-qemu prints the newest one built here)")
 
     p = sub.add_parser("run", help="boot a kernel under a profile and run the guest tests",
                        epilog="Other arguments (-k EXPR, -n N, -x ...) are passed to pytest; "
@@ -200,9 +203,11 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from harness.probe import probe_host
+    from harness.probe import check_qemu_binary, probe_host
 
-    caps = probe_host(use_cache=not args.no_cache)
+    if args.qemu:
+        check_qemu_binary(args.qemu, "harness probe: --qemu")
+    caps = probe_host(use_cache=not args.no_cache, qemu=args.qemu)
     table = profile_table(caps, args.check_argv)
     if args.json:
         print(json.dumps({**caps.to_json(), "profiles": table}, indent=2))
@@ -210,8 +215,10 @@ def _probe(args: argparse.Namespace) -> int:
     rows = [("kvm", caps.kvm), ("qemu", caps.qemu), ("qemu version", caps.qemu_version),
             ("qemu coco objects", caps.qemu_objects), ("sev", caps.sev), ("sev-es", caps.sev_es),
             ("sev-snp", caps.sev_snp), ("tdx", caps.tdx), ("c-bit position", caps.cbitpos),
-            ("iommu", caps.iommu), ("vfio-pci", caps.vfio_pci), ("vfio-pci tio flag", caps.vfio_tio)]
+            ("iommu", caps.iommu), ("vfio-pci", caps.vfio_pci), ("vfio-pci tio flag", caps.vfio_tio),
+            ("vfio-pci iommufd", caps.vfio_iommufd)]
     rows += [(f"firmware {name}", fact) for name, fact in caps.firmware.items()]
+    rows += [(f"{obj} props", fact) for obj, fact in caps.qemu_properties.items()]
     for name, fact in rows:
         value = fact.value
         if isinstance(value, str):
@@ -223,6 +230,7 @@ def _probe(args: argparse.Namespace) -> int:
         if name == "kvm":
             shown = fact.evidence
         print(f"{name:20} {shown:34} {'' if name == 'kvm' else fact.evidence}".rstrip())
+    print(f"{'pci tsm':20} {caps.pci_tsm.summary()}")
     print(f"\nguests here run under {'KVM' if caps.kvm_usable else 'TCG (software emulation)'}\n")
     width = max(len(row["profile"]) for row in table)
     for row in table:

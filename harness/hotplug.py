@@ -6,17 +6,22 @@ removal: completion is the DEVICE_DELETED event, after which the guest must
 have forgotten the function. DEVICE_UNPLUG_GUEST_ERROR is the guest refusing.
 Every wait has a deadline; a device the guest never shows (or never lets go)
 is a kernel failure, a command QEMU rejects is an infrastructure error.
+
+The host side of the TIO workflow (connect the device to the platform TSM
+before it is hot-plugged) is here too: `connect_host_device`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError
 
 from harness.errors import InfraError, KernelFault
 from harness.guest import GuestChannel
+from harness.probe import read_pci_tsm
 from harness.qmp import QmpChannel
 from harness.sysfs import PciDevice, path_exists, pci_devices, wait_until
 
@@ -104,3 +109,56 @@ def unplug(qmp: QmpChannel, guest: GuestChannel, plugged: Plugged, timeout: floa
             f"no DEVICE_DELETED for {plugged.id} within {timeout:.0f} s (the guest did not release it)")
     if not wait_until(lambda: not path_exists(guest, plugged.device.path), timeout):
         raise HotplugFailure(f"guest still shows {plugged.device.bdf} after DEVICE_DELETED")
+
+
+@dataclass(frozen=True)
+class TioStep:
+    """One step of the host side of the TIO workflow and the state it left."""
+
+    step: str
+    state: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"step": self.step, "state": self.state}
+
+
+def connect_host_device(bdf: str, root: Path = Path("/"), tsm: str | None = None,
+                        timeout: float = 30.0) -> list[TioStep]:
+    """Connect a host PCI function to the platform TSM before it is hot-plugged.
+
+    Linux 6.19 PCI TSM ABI (Documentation/ABI/testing/sysfs-bus-pci): write the
+    TSM's name to the Device Security Manager's `tsm/connect` (physical function
+    0; a virtual function's `tsm/dsm` names it once connected, so before that the
+    PF is the function itself or function 0 of the same device); `connect` then
+    reads the name back. Returns each step with the state after it; a host
+    without the ABI, or a device without `tsm/`, is a recorded step, not an error:
+    the workflow goes on as the pre-6.19 RFC trees did. A connect the kernel
+    refuses or never completes within `timeout` is InfraError.
+    """
+    state = read_pci_tsm(root)
+    if not state.present:
+        return [TioStep("host PCI TSM", state.evidence)]
+    steps = [TioStep("host PCI TSM", state.evidence)]
+    device = state.device(bdf)
+    if device is None:
+        return [*steps, TioStep("device", f"{bdf} has no tsm/ directory: not TSM-capable "
+                                          "(or the TSM has not evaluated it yet)")]
+    steps.append(TioStep("before connect", device.describe()))
+    dsm_bdf = device.dsm or f"{bdf.rsplit('.', 1)[0]}.0"
+    dsm = state.device(dsm_bdf) or device
+    name = tsm or state.tsms[0]
+    if dsm.connect:
+        steps.append(TioStep("connect", f"{dsm.bdf} already connected to {dsm.connect}"))
+    else:
+        attr = root / "sys/bus/pci/devices" / dsm.bdf / "tsm/connect"
+        try:
+            attr.write_text(name)
+        except OSError as e:
+            raise InfraError(f"TIO: writing {name} to {attr} failed: {e.strerror}") from None
+        if not wait_until(lambda: (read_pci_tsm(root).device(dsm.bdf) or dsm).connect == name, timeout):
+            raise InfraError(f"TIO: {attr} did not read {name} within {timeout:.0f} s after connect")
+        steps.append(TioStep("connect", f"wrote {name} to {attr}"))
+    after = read_pci_tsm(root)
+    for fn in dict.fromkeys([dsm.bdf, bdf]):
+        steps.append(TioStep("after connect", (after.device(fn) or device).describe()))
+    return steps

@@ -117,11 +117,18 @@ def _resolve_firmware(profile: Profile, caps: HostCaps) -> tuple[Profile, str | 
 
 
 def prepare(name: str, params: dict[str, str], caps: HostCaps, strict_params: bool = True) -> tuple[Profile, list[str]]:
-    """Load a profile, fill its parameters, resolve firmware; returns it and its unmet needs."""
+    """Load a profile, fill its parameters, resolve firmware; returns it and its unmet needs.
+
+    A parameter set to something the probed QEMU cannot do (an object property
+    it lacks, IGVM without igvm-cfg) is BadInput naming the parameter and the
+    QEMU version: the user asked for it, so falling back would hide that.
+    """
     raw = load_profile(name)
     if raw.param("tio_flag") == "auto" and "tio_flag" not in params:
         params = {**params, "tio_flag": f"{caps.vfio_tio.value or 'x-tio'}=on"}
     profile = apply_params(raw, params, strict=strict_params)
+    if strict_params:
+        check_qemu_params(profile, caps)
     profile, firmware_problem = _resolve_firmware(profile, caps)
     unmet = []
     for need in profile.needs:
@@ -132,7 +139,30 @@ def prepare(name: str, params: dict[str, str], caps: HostCaps, strict_params: bo
         ok, evidence = caps.check(need)
         if not ok:
             unmet.append(evidence)
+    if profile.param("vfio_backend") == "iommufd" and profile.hotplug:
+        for need in ("qemu:iommufd", "qemu:vfio-iommufd"):
+            ok, evidence = caps.check(need)
+            if not ok:
+                unmet.append(f"{evidence} (or --param vfio_backend=container)")
     return profile, unmet
+
+
+def check_qemu_params(profile: Profile, caps: HostCaps) -> None:
+    """BadInput for a set parameter that the probed QEMU cannot put on its command line."""
+    values = dict(profile.params)
+    if profile.coco_object:
+        qom_type = profile.coco_object[0][1]
+        for param, prop in profile.object_params:
+            if values.get(param):
+                ok, why = caps.qemu_has_property(qom_type, prop)
+                if not ok:
+                    raise BadInput(f"profile {profile.name}: parameter '{param}' needs {qom_type} property "
+                                   f"'{prop}': {why}")
+    if values.get("igvm"):
+        ok, why = caps.check("qemu:igvm-cfg")
+        if not ok:
+            raise BadInput(f"profile {profile.name}: parameter 'igvm' needs the igvm-cfg object (QEMU 10.1+, "
+                           f"built with IGVM): {why}")
 
 
 def choose_profile(name: str, params: dict[str, str], caps: HostCaps) -> ProfileChoice:
@@ -220,5 +250,5 @@ def build_argv(
         if profile.coco != "none" or "swiotlb=force" in cmdline.split():
             nic += ",disable-legacy=on,iommu_platform=on"
         argv += ["-netdev", f"user,id=hnet0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22", "-device", nic]
-    argv += [*profile.args, *extra_args]
+    argv += [*profile.object_argv(), *profile.args, *extra_args]
     return argv

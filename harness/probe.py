@@ -6,6 +6,14 @@ The probe guest is a 16 KiB PVH ELF that enables paging, enters 64-bit mode and
 writes to an isa-debug-exit port; a working KVM does that in milliseconds.
 
 File reads go through `root` so tests can feed recorded /sys, /proc and /dev trees.
+
+The host's PCI TSM state follows the Linux 6.19 ABI
+(Documentation/ABI/testing/sysfs-class-tsm and sysfs-bus-pci): TSM devices in
+/sys/class/tsm/tsmN; per PCI function `tsm/connect` (reads the connected TSM's
+name, empty when not connected), `tsm/disconnect`, `tsm/dsm` (the function's
+Device Security Manager), `tsm/bound` (only on functions that can do TDISP;
+names the TSM once VFIO/IOMMUFD has bound the interface) and `authenticated` at
+the device root (an alias of the connect state while tsm/ is present).
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ from harness.paths import atomic_write, cache_dir
 KVM_PROBE_DEADLINE = 2.0
 _PROBE_EXIT = 0x2A
 QEMU_CANDIDATES = ("qemu-system-x86_64",)
+# Objects whose presence decides profiles and parameters (`-object help`).
+QEMU_OBJECTS = ("sev-guest", "sev-snp-guest", "tdx-guest", "igvm-cfg", "iommufd")
+# Objects whose properties decide optional profile parameters (QMP qom-list-properties).
+QEMU_PROPERTY_OBJECTS = ("sev-guest", "sev-snp-guest", "tdx-guest")
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,74 @@ class Fact:
 
     value: bool | str | int | None
     evidence: str
+
+
+@dataclass(frozen=True)
+class TsmDevice:
+    """One PCI function with a `tsm/` directory (Linux 6.19 PCI TSM ABI).
+
+    `connect` is what tsm/connect reads ("" = not connected); `bound` is None
+    when the function has no tsm/bound (it cannot do TDISP), "" when it can but
+    is not bound; `authenticated` is None when the attribute is absent.
+    """
+
+    bdf: str
+    connect: str
+    authenticated: str | None
+    dsm: str | None
+    bound: str | None
+    ide_streams: tuple[str, ...] = ()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.connect)
+
+    @property
+    def ide(self) -> str:
+        """Whether the link to the device is protected (SPDM session, IDE where the TSM wants it)."""
+        if not self.connected:
+            return "IDE not connected"
+        streams = f" ({', '.join(self.ide_streams)})" if self.ide_streams else ""
+        return f"IDE connected to {self.connect}{streams}"
+
+    @property
+    def tdi_bind(self) -> str:
+        """Whether an interface of the device can be bound to a confidential guest (TDISP)."""
+        if self.bound is None:
+            return "TDI bind not available (no tsm/bound: the function cannot do TDISP)"
+        if self.bound:
+            return f"TDI bound to {self.bound}"
+        if not self.connected:
+            return "TDI bind available after connect"
+        return "TDI bind available (not bound)"
+
+    def describe(self) -> str:
+        auth = {None: "no authenticated attribute", "1": "authenticated", "0": "not authenticated"}.get(
+            self.authenticated, f"authenticated={self.authenticated}")
+        dsm = f", DSM {self.dsm}" if self.dsm and self.dsm != self.bdf else ""
+        return f"{self.bdf}: {auth}; {self.ide}; {self.tdi_bind}{dsm}"
+
+
+@dataclass(frozen=True)
+class PciTsmState:
+    """The host's PCI TSM state: TSM devices and the functions that have tsm/."""
+
+    tsms: tuple[str, ...]
+    devices: tuple[TsmDevice, ...]
+    evidence: str
+
+    @property
+    def present(self) -> bool:
+        return bool(self.tsms)
+
+    def device(self, bdf: str) -> TsmDevice | None:
+        return next((d for d in self.devices if d.bdf == bdf), None)
+
+    def summary(self) -> str:
+        if not self.tsms:
+            return self.evidence
+        parts = [", ".join(self.tsms)] + [d.describe() for d in self.devices]
+        return "; ".join(parts) if self.devices else f"{parts[0]}; no PCI function has tsm/"
 
 
 @dataclass
@@ -49,8 +129,22 @@ class HostCaps:
     iommu: Fact
     vfio_pci: Fact
     vfio_tio: Fact = Fact(None, "not probed")
+    vfio_iommufd: Fact = Fact(None, "not probed")
     cbitpos: Fact = Fact(None, "not probed")
     firmware: dict[str, Fact] = field(default_factory=dict)
+    # Per object type: its properties as a comma-separated list (QMP qom-list-properties).
+    qemu_properties: dict[str, Fact] = field(default_factory=dict)
+    pci_tsm: PciTsmState = field(default_factory=lambda: PciTsmState((), (), "not probed"))
+
+    def qemu_has_property(self, qom_type: str, prop: str) -> tuple[bool, str]:
+        """Whether the probed QEMU's `qom_type` object takes `prop`, and the evidence."""
+        fact = self.qemu_properties.get(qom_type)
+        where = f"QEMU {self.qemu_version.value} ({self.qemu.value})"
+        if fact is None or fact.value is None:
+            return False, f"{where} has no {qom_type} object"
+        if prop in str(fact.value).split(","):
+            return True, f"{where} {qom_type} has {prop}"
+        return False, f"{where} {qom_type} has no property {prop!r}"
 
     @property
     def kvm_usable(self) -> bool:
@@ -62,6 +156,9 @@ class HostCaps:
             if need == "qemu:vfio-tio":
                 fact = self.vfio_tio
                 return bool(fact.value), f"vfio-pci TIO property: {fact.evidence}"
+            if need == "qemu:vfio-iommufd":
+                fact = self.vfio_iommufd
+                return bool(fact.value), f"vfio-pci iommufd property: {fact.evidence}"
             obj = need.split(":", 1)[1]
             known = str(self.qemu_objects.value or "").split(",")
             if obj in known:
@@ -117,7 +214,10 @@ def pvh_probe_image() -> bytes:
     return head + b"\0" * (0x1000 - len(head)) + bytes(seg)
 
 
-def find_qemu() -> str | None:
+def find_qemu(override: str | None = None) -> str | None:
+    """`--qemu PATH` if given, else $HARNESS_QEMU, else qemu-system-x86_64 on PATH."""
+    if override:
+        return override
     env = os.environ.get("HARNESS_QEMU")
     if env:
         return env
@@ -126,6 +226,14 @@ def find_qemu() -> str | None:
         if path:
             return path
     return None
+
+
+def check_qemu_binary(path: str, what: str) -> None:
+    """BadInput (exit 2) unless `path` is an executable file."""
+    from harness.errors import BadInput
+
+    if not (Path(path).is_file() and os.access(path, os.X_OK)):
+        raise BadInput(f"{what} {path}: not an executable file")
 
 
 def _run_probe_guest(qemu: str, accel: str, deadline: float) -> tuple[bool, str, float]:
@@ -201,10 +309,57 @@ def qemu_version(qemu: str) -> str:
 
 
 def qemu_objects(qemu: str) -> list[str]:
-    """Which confidential-guest objects this QEMU was built with (`-object help`)."""
+    """Which confidential-guest (and IGVM, iommufd) objects this QEMU was built with (`-object help`)."""
     out = subprocess.run([qemu, "-object", "help"], capture_output=True, text=True, timeout=10).stdout
     listed = {line.strip() for line in out.splitlines()}
-    return [o for o in ("sev-guest", "sev-snp-guest", "tdx-guest") if o in listed]
+    return [o for o in QEMU_OBJECTS if o in listed]
+
+
+def parse_property_help(text: str) -> list[str]:
+    """Property names from `-device <dev>,help` output.
+
+    QEMU prints a header (`vfio-pci options:`) and then one indented
+    `  name=<type>  - description` line per property.
+    """
+    return sorted({m.group(1) for m in re.finditer(r"^\s+([\w.-]+)=", text, re.M)})
+
+
+def qemu_object_properties(qemu: str, qom_types: list[str]) -> dict[str, Fact]:
+    """The properties of each object type, through QMP `qom-list-properties`.
+
+    Not `-object <type>,help`: that lists class properties only, and tdx-guest
+    adds all of its properties per instance ("There are no options for
+    tdx-guest" in QEMU 10.2). qom-list-properties makes an instance, so it sees
+    them. One `-machine none` QEMU answers for all types.
+    """
+    requests = [{"execute": "qmp_capabilities"},
+                *({"execute": "qom-list-properties", "arguments": {"typename": t}} for t in qom_types),
+                {"execute": "quit"}]
+    what = f"{qemu} QMP qom-list-properties"
+    try:
+        proc = subprocess.run([qemu, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
+                              input="\n".join(json.dumps(r) for r in requests) + "\n", capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {t: Fact(None, f"{what}: {e}") for t in qom_types}
+    answers = []
+    for line in proc.stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if "return" in msg or "error" in msg:
+            answers.append(msg)
+    found: dict[str, Fact] = {}
+    for qom_type, answer in zip(qom_types, answers[1:], strict=False):
+        if isinstance(answer.get("return"), list):
+            names = sorted(str(p["name"]) for p in answer["return"] if p.get("name") != "type")
+            found[qom_type] = Fact(",".join(names), f"{what} {qom_type}")
+        else:
+            found[qom_type] = Fact(None, f"{what} {qom_type}: {answer.get('error', {}).get('desc', 'no answer')}")
+    for qom_type in qom_types:
+        found.setdefault(qom_type, Fact(None, f"{what} {qom_type}: no answer"))
+    return found
 
 
 _TIO_PROPERTIES = ("x-tio", "tio", "x-secure-mode", "secure-mode")
@@ -213,16 +368,28 @@ _TIO_PROPERTIES = ("x-tio", "tio", "x-secure-mode", "secure-mode")
 def qemu_vfio_tio(qemu: str) -> Fact:
     """The TIO property of vfio-pci, if this QEMU has one (`-device vfio-pci,help`).
 
-    AMD's tree adds `x-tio` (seed 001); Intel's TDX Connect tree `x-secure-mode`.
+    AMD's SEV-TIO tree adds `x-tio` (SEV-TIO RFC, linux-coco, 2024-25); Intel's TDX Connect tree
+    (intel/lkvs) `x-secure-mode`.
     """
-    proc = subprocess.run([qemu, "-device", "vfio-pci,help"], capture_output=True, text=True, timeout=10)
-    names = {m.group(1) for m in re.finditer(r"^\s+([\w-]+)=", proc.stdout, re.M)}
+    names = set(_vfio_pci_properties(qemu))
     for prop in _TIO_PROPERTIES:
         if prop in names:
             return Fact(prop, f"{qemu} -device vfio-pci,help lists {prop}")
     if not names:
         return Fact(None, f"{qemu} has no vfio-pci device")
     return Fact(None, f"none of {', '.join(_TIO_PROPERTIES)} in {qemu} -device vfio-pci,help")
+
+
+def _vfio_pci_properties(qemu: str) -> list[str]:
+    proc = subprocess.run([qemu, "-device", "vfio-pci,help"], capture_output=True, text=True, timeout=10)
+    return parse_property_help(proc.stdout)
+
+
+def qemu_vfio_iommufd(qemu: str) -> Fact:
+    """Whether vfio-pci takes `iommufd=` (QEMU 8.2+ with iommufd support built in)."""
+    if "iommufd" in _vfio_pci_properties(qemu):
+        return Fact(True, f"{qemu} -device vfio-pci,help lists iommufd")
+    return Fact(False, f"no iommufd property in {qemu} -device vfio-pci,help")
 
 
 def read_cbitpos(root: Path) -> Fact:
@@ -249,7 +416,9 @@ def read_cbitpos(root: Path) -> Fact:
 _DMESG_FACTS = (
     ("sev_api", re.compile(r"SEV API:\s*(\d+\.\d+)")),
     ("snp_api", re.compile(r"SEV-SNP API:\s*(\d+\.\d+)")),
-    ("tdx_module", re.compile(r"(?:virt/tdx|tdx): (?:TDX )?module initialized")),
+    # `virt/tdx: module initialized` until Linux 6.15; newer kernels print
+    # `virt/tdx: TDX-Module initialized` (Documentation/arch/x86/tdx.rst).
+    ("tdx_module", re.compile(r"(?:virt/tdx|tdx): (?:TDX )?(?:module|TDX-Module) initialized")),
 )
 
 
@@ -294,9 +463,14 @@ def _module_flag(root: Path, module: str, param: str) -> Fact:
     return Fact(value in ("Y", "1"), f"/{rel} = {value}")
 
 
-def probe_host(root: Path = Path("/"), use_cache: bool = True) -> HostCaps:
-    """Read the host's capabilities. Never raises for a missing capability."""
-    qemu = find_qemu()
+def probe_host(root: Path = Path("/"), use_cache: bool = True, qemu: str | None = None) -> HostCaps:
+    """Read the host's capabilities. Never raises for a missing capability.
+
+    `qemu` overrides the QEMU binary (`harness probe --qemu PATH`); otherwise
+    $HARNESS_QEMU, then qemu-system-x86_64 on PATH.
+    """
+    given = qemu
+    qemu = find_qemu(given)
     version = qemu_version(qemu) if qemu else None
     objects = qemu_objects(qemu) if qemu else []
     sev = _module_flag(root, "kvm_amd", "sev")
@@ -310,9 +484,11 @@ def probe_host(root: Path = Path("/"), use_cache: bool = True) -> HostCaps:
     log = host_dmesg(root)
     return HostCaps(
         kvm=probe_kvm(qemu, root, use_cache),
-        qemu=Fact(qemu, "found on PATH" if qemu else "qemu-system-x86_64 not on PATH"),
+        qemu=Fact(qemu, _qemu_origin(given, qemu)),
         qemu_version=Fact(version, f"{qemu} --version" if qemu else "no QEMU"),
         qemu_objects=Fact(",".join(objects), f"{qemu} -object help" if qemu else "no QEMU"),
+        qemu_properties=qemu_object_properties(qemu, [t for t in QEMU_PROPERTY_OBJECTS if t in objects])
+        if qemu else {},
         sev=_with_dmesg(sev, log, "sev_api"),
         sev_es=_module_flag(root, "kvm_amd", "sev_es"),
         sev_snp=_with_dmesg(_module_flag(root, "kvm_amd", "sev_snp"), log, "snp_api"),
@@ -320,17 +496,36 @@ def probe_host(root: Path = Path("/"), use_cache: bool = True) -> HostCaps:
         iommu=Fact(n_iommu > 0, f"{n_iommu} in /sys/class/iommu, {n_groups} IOMMU groups"),
         vfio_pci=Fact(vfio, "/sys/bus/pci/drivers/vfio-pci " + ("present" if vfio else "absent")),
         vfio_tio=qemu_vfio_tio(qemu) if qemu else Fact(None, "no QEMU"),
+        vfio_iommufd=qemu_vfio_iommufd(qemu) if qemu else Fact(None, "no QEMU"),
         cbitpos=read_cbitpos(root),
         firmware=_firmware(root),
+        pci_tsm=read_pci_tsm(root),
     )
 
 
+def _qemu_origin(given: str | None, qemu: str | None) -> str:
+    if qemu is None:
+        return "qemu-system-x86_64 not on PATH (set HARNESS_QEMU or pass --qemu)"
+    if given:
+        return "given with --qemu"
+    return "from HARNESS_QEMU" if os.environ.get("HARNESS_QEMU") else "found on PATH"
+
+
+# Where distributions put each image, most specific first. -bios takes a
+# combined image (code + vars), not the split _CODE files. Debian/Ubuntu:
+# /usr/share/ovmf/; Fedora/RHEL (edk2-ovmf): /usr/share/edk2/ovmf/; older
+# layouts and SUSE: /usr/share/OVMF/. TDX: Ubuntu's ovmf ships OVMF.inteltdx.fd
+# on some releases, and canonical/tdx boots TDs with the plain
+# /usr/share/ovmf/OVMF.fd (built with TDX support), so that is the last resort.
 _FIRMWARE = {
     "seabios": ("usr/share/seabios/bios-256k.bin",),
-    # -bios takes a combined image (code + vars), not the split _CODE files.
-    "ovmf": ("usr/share/ovmf/OVMF.fd", "usr/share/qemu/OVMF.fd"),
-    "ovmf-amdsev": ("usr/share/ovmf/OVMF.amdsev.fd", "usr/share/OVMF/OVMF.amdsev.fd"),
-    "tdvf": ("usr/share/ovmf/OVMF.inteltdx.fd", "usr/share/qemu/OVMF.inteltdx.fd"),
+    "ovmf": ("usr/share/ovmf/OVMF.fd", "usr/share/qemu/OVMF.fd", "usr/share/edk2/ovmf/OVMF.fd",
+             "usr/share/OVMF/OVMF.fd"),
+    "ovmf-amdsev": ("usr/share/ovmf/OVMF.amdsev.fd", "usr/share/edk2/ovmf/OVMF.amdsev.fd",
+                    "usr/share/OVMF/OVMF.amdsev.fd"),
+    "tdvf": ("usr/share/ovmf/OVMF.inteltdx.fd", "usr/share/qemu/OVMF.inteltdx.fd",
+             "usr/share/edk2/ovmf/OVMF.inteltdx.fd", "usr/share/OVMF/OVMF.inteltdx.fd",
+             "usr/share/ovmf/OVMF.fd"),
 }
 
 
@@ -341,3 +536,36 @@ def _firmware(root: Path) -> dict[str, Fact]:
         found[name] = Fact(f"/{hit}" if hit else None, "found" if hit else "none of " + ", ".join(
             f"/{c}" for c in candidates))
     return found
+
+
+def _read_attr(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def read_pci_tsm(root: Path = Path("/")) -> PciTsmState:
+    """Read /sys/class/tsm and each PCI function's tsm/ directory under `root`."""
+    cls = root / "sys/class/tsm"
+    tsms = tuple(sorted(p.name for p in cls.iterdir())) if cls.is_dir() else ()
+    if not tsms:
+        return PciTsmState((), (), "no /sys/class/tsm/tsmN (no PCI TSM: Linux 6.19+ with a TSM driver)")
+    # /sys/class/tsm/tsmN/pciDDDD:BB appears while a host bridge has IDE streams with that TSM.
+    streams: dict[str, list[str]] = {}
+    for tsm in tsms:
+        for link in sorted((cls / tsm).glob("pci*:*")):
+            streams.setdefault(tsm, []).append(link.name)
+    devices = []
+    pci = root / "sys/bus/pci/devices"
+    for dev in sorted(pci.iterdir()) if pci.is_dir() else ():
+        tsm_dir = dev / "tsm"
+        if not tsm_dir.is_dir():
+            continue
+        connect = _read_attr(tsm_dir / "connect") or ""
+        bridge = f"pci{dev.name.rsplit(':', 1)[0]}"
+        ide = tuple(s for s in streams.get(connect, []) if s == bridge) if connect else ()
+        devices.append(TsmDevice(
+            bdf=dev.name, connect=connect, authenticated=_read_attr(dev / "authenticated"),
+            dsm=_read_attr(tsm_dir / "dsm"), bound=_read_attr(tsm_dir / "bound"), ide_streams=ide))
+    return PciTsmState(tsms, tuple(devices), f"/sys/class/tsm: {', '.join(tsms)}")

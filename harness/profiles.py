@@ -3,10 +3,20 @@
 A profile may `extends:` another; its keys replace the parent's, except keys
 written `+key:` whose list is appended to the parent's (`+cmdline: [swiotlb=force]`).
 Unknown keys, wrong types and unknown names are BadInput naming the file and key.
+
+The confidential-guest object is data too (`object:`), so that optional
+properties (`object_params:`) appear only when their parameter is set, and the
+object switches to QEMU's JSON `-object` form when a property is structured
+(TDX's `quote-generation-socket` is a SocketAddress, which the key=value form
+cannot carry).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +30,8 @@ _LIST_KEYS = ("cmdline", "devices", "args", "modules", "needs", "hotplug", "scra
 COCO_KINDS = ("none", "sev", "sev-es", "snp", "tdx")
 # What a profile may say it needs; HostCaps.check() decides each one.
 NEEDS = ("kvm", "sev", "sev_es", "sev_snp", "tdx", "iommu", "vfio_pci", "firmware", "qemu:sev-guest",
-         "qemu:sev-snp-guest", "qemu:tdx-guest", "qemu:vfio-tio")
+         "qemu:sev-snp-guest", "qemu:tdx-guest", "qemu:vfio-tio", "qemu:iommufd", "qemu:vfio-iommufd",
+         "qemu:igvm-cfg")
 # Parameters every profile takes; a profile's `params:` adds its own with defaults.
 BUILTIN_PARAMS = ("memory", "smp")
 
@@ -56,6 +67,12 @@ class Profile:
     params: tuple[tuple[str, str], ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: tuple[str, ...] = ()
+    # The confidential-guest object, in order: ("qom-type", ...), ("id", ...), properties.
+    coco_object: tuple[tuple[str, str], ...] = ()
+    # Optional object properties: (parameter, property), added when the parameter is set.
+    object_params: tuple[tuple[str, str], ...] = ()
+    # Further -object arguments derived from parameters (igvm-cfg, iommufd).
+    objects: tuple[str, ...] = ()
 
     def param(self, name: str) -> str | None:
         return dict(self.params).get(name)
@@ -70,6 +87,8 @@ class Profile:
                 value = {t.name: getattr(value, t.name) for t in fields(Timeouts)}
             out[f.name] = value
         out["params"] = dict(self.params)
+        out["coco_object"] = [list(kv) for kv in self.coco_object]
+        out["object_params"] = [list(kv) for kv in self.object_params]
         return out
 
     @classmethod
@@ -80,14 +99,47 @@ class Profile:
             if isinstance(f.default, tuple) or f.name in ("cmdline", "source"):
                 kwargs[f.name] = tuple(kwargs.get(f.name) or ())
         kwargs["params"] = tuple(sorted((str(k), str(v)) for k, v in (data.get("params") or {}).items()))
+        for key in ("coco_object", "object_params"):
+            kwargs[key] = tuple((str(k), str(v)) for k, v in data.get(key) or ())
         kwargs["timeouts"] = Timeouts(**data.get("timeouts", {}))
         return cls(**kwargs)
+
+    def object_argv(self) -> list[str]:
+        """`-object` arguments: the confidential-guest object, then the derived ones.
+
+        The key=value form unless a property is structured (a JSON object), then
+        QEMU's JSON form, where booleans and numbers must be typed. A structured
+        value is JSON text starting with `{"` (a template like `{cbitpos}` is not).
+        """
+        argv: list[str] = []
+        if self.coco_object:
+            if any(v.startswith('{"') for _, v in self.coco_object):
+                argv += ["-object", json.dumps({k: _json_value(v) for k, v in self.coco_object},
+                                               separators=(",", ":"))]
+            else:
+                (_, qom_type), *props = self.coco_object
+                argv += ["-object", ",".join([qom_type, *(f"{k}={v}" for k, v in props)])]
+        for obj in self.objects:
+            argv += ["-object", obj]
+        return argv
+
+
+def _json_value(value: str) -> object:
+    """A key=value property as JSON: on/off -> bool, 51 or 0x30000 -> int, {...} -> object."""
+    if value.startswith('{"'):
+        return json.loads(value)
+    if value in ("on", "true", "yes", "off", "false", "no"):
+        return value in ("on", "true", "yes")
+    if re.fullmatch(r"0x[0-9a-fA-F]+|[0-9]+", value):
+        return int(value, 0)
+    return value
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {
     "description": str, "machine": str, "accel": str, "smp": int, "memory": (int, str),
     "hotplug_ports": int, "twin": (str, type(None)), "extends": str, "cpu": dict,
     "timeouts": dict, "coco": str, "firmware": (str, type(None)), "params": dict,
+    "object": dict, "object_params": dict,
 }
 KNOWN_KEYS = sorted([*_SCALARS, *_LIST_KEYS, *(f"+{k}" for k in _LIST_KEYS)])
 
@@ -153,7 +205,7 @@ def _merged(name: str, directory: Path, chain: tuple[str, ...] = ()) -> tuple[di
             continue
         if key.startswith("+"):
             merged[key[1:]] = [*merged.get(key[1:], []), *value]
-        elif key in ("cpu", "timeouts", "params"):
+        elif key in ("cpu", "timeouts", "params", "object", "object_params"):
             merged[key] = {**merged.get(key, {}), **value}
         else:
             merged[key] = value
@@ -201,6 +253,15 @@ def load_profile(name: str, directory: Path = PROFILES_DIR) -> Profile:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise BadInput(f"{where}: key 'params.{key}' must be a string or a number")
     kwargs["params"] = tuple(sorted((str(k), str(v)) for k, v in params.items()))
+    obj = data.get("object", {})
+    if obj:
+        if list(obj)[:2] != ["qom-type", "id"] or not all(isinstance(v, (str, int)) for v in obj.values()):
+            raise BadInput(f"{where}: key 'object' starts with qom-type and id, then properties (strings or numbers)")
+        kwargs["coco_object"] = tuple((str(k), str(v)) for k, v in obj.items())
+    for param, prop in data.get("object_params", {}).items():
+        if param not in params or not isinstance(prop, str):
+            raise BadInput(f"{where}: key 'object_params.{param}' must name a declared parameter and a property")
+    kwargs["object_params"] = tuple((str(k), str(v)) for k, v in data.get("object_params", {}).items())
     profile = Profile(**kwargs)
     # A template naming a parameter the profile does not declare is a profile bug: say so now.
     apply_params(profile, {})
@@ -239,6 +300,12 @@ def apply_params(profile: Profile, overrides: dict[str, str], strict: bool = Tru
     changes["machine"] = _expand(profile.machine, values, f"{where}: key 'machine'")
     if profile.firmware is not None:
         changes["firmware"] = _expand(profile.firmware, values, f"{where}: key 'firmware'")
+    obj = [(k, _expand(v, values, f"{where}: key 'object.{k}'")) for k, v in profile.coco_object]
+    for param, prop in profile.object_params:
+        if values.get(param, ""):
+            obj.append((prop, _property_value(param, prop, values[param], where)))
+    changes["coco_object"] = tuple(obj)
+    changes.update(_derived_objects(profile, values, changes, where))
     if "memory" in overrides:
         changes["memory_mib"] = _memory_mib(overrides["memory"], f"{where}: parameter 'memory'")
     if "smp" in overrides:
@@ -247,3 +314,89 @@ def apply_params(profile: Profile, overrides: dict[str, str], strict: bool = Tru
         changes["smp"] = int(overrides["smp"])
     changes["params"] = tuple(sorted(values.items()))
     return replace(profile, **changes)
+
+
+# Optional object properties whose values are checked before QEMU sees them:
+# property -> (decoded size in bytes of a base64 blob) per QEMU's qapi/qom.json.
+_BASE64_SIZES = {"mrconfigid": 48, "mrowner": 48, "mrownerconfig": 48, "host-data": 32,
+                 "id-block": 96, "id-auth": 4096}
+_BOOL_PROPERTIES = ("secure-tsc", "author-key-enabled")
+
+
+def socket_address(param: str, text: str, where: str) -> str:
+    """`vsock:CID:PORT` or `unix:PATH` -> a QAPI SocketAddress as JSON text."""
+    kind, _, rest = text.partition(":")
+    if kind == "vsock":
+        cid, _, port = rest.partition(":")
+        if cid.isdigit() and port.isdigit():
+            return json.dumps({"type": "vsock", "cid": cid, "port": port})
+    elif kind == "unix" and rest.startswith("/"):
+        return json.dumps({"type": "unix", "path": rest})
+    raise BadInput(f"{where}: parameter '{param}' must be vsock:CID:PORT or unix:/PATH, got {text!r}")
+
+
+def _property_value(param: str, prop: str, value: str, where: str) -> str:
+    if prop == "quote-generation-socket":
+        return socket_address(param, value, where)
+    if prop in _BOOL_PROPERTIES:
+        if value not in ("on", "off"):
+            raise BadInput(f"{where}: parameter '{param}' must be on or off, got {value!r}")
+    elif prop == "tsc-frequency":
+        if not value.isdigit() or not 0 < int(value) < 1 << 32:
+            raise BadInput(f"{where}: parameter '{param}' must be a frequency in Hz (uint32), got {value!r}")
+    elif prop in _BASE64_SIZES:
+        try:
+            size = len(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            size = -1
+        if size != _BASE64_SIZES[prop]:
+            raise BadInput(f"{where}: parameter '{param}' must be base64 of {_BASE64_SIZES[prop]} bytes "
+                           f"(QEMU property {prop})")
+    return value
+
+
+VFIO_BACKENDS = ("iommufd", "container")
+IOMMUFD_ID = "iommufd0"
+IGVM_ID = "igvm0"
+
+
+def _derived_objects(profile: Profile, values: dict[str, str], changes: dict[str, Any],
+                     where: str) -> dict[str, Any]:
+    """What the `igvm` and `vfio_backend` parameters add beyond templates.
+
+    igvm: `-object igvm-cfg,id=igvm0,file=PATH`, the machine's `igvm-cfg=igvm0`
+    (QEMU 10.1+), and no -bios: QEMU refuses -bios together with IGVM
+    (docs/system/igvm.rst). vfio_backend=iommufd: `-object iommufd,id=iommufd0`
+    and `iommufd=iommufd0` on every hot-plugged vfio-pci device (what AMD's TIO
+    QEMU requires); container: the legacy VFIO container, nothing added.
+    """
+    out: dict[str, Any] = {}
+    objects: list[str] = []
+    igvm = values.get("igvm", "")
+    if igvm:
+        if "," in igvm:
+            raise BadInput(f"{where}: parameter 'igvm' is a file path without commas, got {igvm!r}")
+        objects.append(f"igvm-cfg,id={IGVM_ID},file={igvm}")
+        out["machine"] = f"{changes['machine']},igvm-cfg={IGVM_ID}"
+        out["firmware"] = None
+    backend = values.get("vfio_backend")
+    if backend is not None:
+        if backend not in VFIO_BACKENDS:
+            raise BadInput(f"{where}: parameter 'vfio_backend' must be one of {', '.join(VFIO_BACKENDS)}, "
+                           f"got {backend!r}")
+        if backend == "iommufd":
+            objects.insert(0, f"iommufd,id={IOMMUFD_ID}")
+            out["hotplug"] = tuple(_with_iommufd(spec) for spec in changes["hotplug"])
+    out["objects"] = tuple(objects)
+    return out
+
+
+def _with_iommufd(spec: str) -> str:
+    driver, _, rest = spec.partition(",")
+    if driver != "vfio-pci" or "iommufd=" in spec:
+        return spec
+    props = rest.split(",") if rest else []
+    # After host= (the device's identity), before the rest, as AMD's and Intel's examples write it.
+    at = next((i + 1 for i, p in enumerate(props) if p.startswith("host=")), 0)
+    props.insert(at, f"iommufd={IOMMUFD_ID}")
+    return ",".join([driver, *props])

@@ -17,6 +17,7 @@ SCENARIOS = {
     "lockdep-circular.log": "lockdep", "hung-task.log": "hung-task", "rcu-stall.log": "rcu-stall",
     "soft-lockup.log": "soft-lockup", "tdx-unexpected-ve.log": "tdx-unexpected-ve",
     "tdx-mmio-failed.log": "mmio-failed", "sev-vc.log": "sev-vc-error", "snp-rmp.log": "rmp-fault",
+    "snp-pvalidate.log": "snp-pvalidate", "tdx-module-init-failed.log": "tdx-module-init-failed",
     "page-state-change.log": "page-state-change", "swiotlb-full.log": "swiotlb-full", "dma-api.log": "dma-api",
     "dmar-fault.log": "dmar-fault", "amd-vi-fault.log": "amd-vi-fault", "pciehp-error.log": "pciehp-error",
     "oom.log": "oom",
@@ -94,3 +95,15 @@ def test_bad_rule_files_name_entry_and_key(tmp_path: Path, text: str, message: s
     (tmp_path / "rules.yaml").write_text(text)
     with pytest.raises(BadInput, match=message):
         load_rules(tmp_path / "rules.yaml")
+
+
+def test_tdx_host_banners_old_and_new() -> None:
+    """A healthy TDX host's banner is no error; a failed init is, in either kernel's wording."""
+    assert scan(["[    3.2] virt/tdx: TDX-Module initialized"]) == []
+    old = scan(["[    3.2] virt/tdx: module initialization failed (-5)"])
+    assert [h.rule for h in old] == ["tdx-module-init-failed"]
+
+
+def test_snp_pvalidate_line_is_claimed_by_its_rule_not_the_warning() -> None:
+    hits = scan((DATA / "dmesg" / "snp-pvalidate.log").read_text().splitlines())
+    assert [h.rule for h in hits] == ["warning", "snp-pvalidate", "warning", "call-trace"]

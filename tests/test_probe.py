@@ -1,11 +1,18 @@
-"""Host probe: recorded host trees for the decisions, real QEMU for the KVM probe guest."""
+"""Host probe: recorded host trees for the decisions (tests/data/hosts, written from the kernel's
+ABI documents), real QEMU for the KVM probe guest; the host side of the TIO workflow."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+import yaml
+
+from harness.errors import InfraError
+from harness.hotplug import TioStep, connect_host_device
 from harness.probe import find_qemu, probe_host, probe_kvm, pvh_probe_image
 
 
@@ -70,3 +77,109 @@ def test_real_probe_on_this_host() -> None:
     # /dev/kvm existing proves nothing: the verdict must come from running the probe guest.
     assert caps.kvm.evidence.startswith(("usable (probe guest reached", "unusable ("))
     assert caps.qemu_version.value and caps.qemu_version.value != "unknown"
+
+
+HOSTS = Path(__file__).parent / "data" / "hosts"
+
+
+def recorded_host(name: str, root: Path) -> Path:
+    """Materialise tests/data/hosts/<name>.yaml (written from the ABI documents; see its README)."""
+    tree = yaml.safe_load((HOSTS / f"{name}.yaml").read_text())
+    for rel, text in tree.items():
+        path = root / rel
+        if text is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return root
+
+
+def test_recorded_snp_host(tmp_path: Path) -> None:
+    caps = probe_host(recorded_host("snp-host", tmp_path))
+    assert caps.sev.value and caps.sev_es.value and caps.sev_snp.value and not caps.tdx.value
+    assert "SEV-SNP API:1.55" in caps.sev_snp.evidence
+    assert not caps.pci_tsm.present and "no /sys/class/tsm" in caps.pci_tsm.summary()
+
+
+def test_recorded_tdx_host_with_the_new_module_banner(tmp_path: Path) -> None:
+    caps = probe_host(recorded_host("tdx-host", tmp_path))
+    assert caps.tdx.value and not caps.sev_snp.value
+    assert caps.tdx.evidence.endswith("dmesg: [    3.200342] virt/tdx: TDX-Module initialized")
+
+
+def test_recorded_plain_host_has_nothing(tmp_path: Path) -> None:
+    caps = probe_host(recorded_host("plain-host", tmp_path))
+    assert not any(f.value for f in (caps.sev, caps.sev_es, caps.sev_snp, caps.tdx, caps.iommu, caps.vfio_pci))
+    assert not caps.pci_tsm.present and caps.pci_tsm.devices == ()
+
+
+def test_recorded_tsm_host_with_a_connected_device(tmp_path: Path) -> None:
+    tsm = probe_host(recorded_host("tsm-6.19-connected", tmp_path)).pci_tsm
+    assert tsm.tsms == ("tsm0",)
+    assert [d.bdf for d in tsm.devices] == ["0000:41:00.0", "0000:41:00.1"]
+    pf, vf = tsm.devices
+    assert (pf.connected, pf.authenticated, pf.bound) == (True, "1", None)
+    assert pf.ide == "IDE connected to tsm0 (pci0000:41)"
+    assert pf.tdi_bind.startswith("TDI bind not available")
+    assert vf.dsm == "0000:41:00.0" and vf.tdi_bind == "TDI bind available (not bound)"
+    assert vf.describe() == ("0000:41:00.1: no authenticated attribute; IDE connected to tsm0 (pci0000:41); "
+                             "TDI bind available (not bound), DSM 0000:41:00.0")
+
+
+def test_recorded_tsm_host_before_connect(tmp_path: Path) -> None:
+    tsm = probe_host(recorded_host("tsm-6.19-not-connected", tmp_path)).pci_tsm
+    pf, vf = tsm.devices
+    assert (pf.connected, pf.authenticated, pf.ide) == (False, "0", "IDE not connected")
+    assert vf.tdi_bind == "TDI bind available after connect"
+    assert "0000:41:00.0: not authenticated; IDE not connected" in tsm.summary()
+
+
+def test_tio_workflow_connects_through_the_dsm(tmp_path: Path) -> None:
+    root = recorded_host("tsm-6.19-not-connected", tmp_path)
+    steps = connect_host_device("0000:41:00.1", root, timeout=2)
+    assert [s.step for s in steps] == ["host PCI TSM", "before connect", "connect", "after connect", "after connect"]
+    assert steps[2].state == f"wrote tsm0 to {root}/sys/bus/pci/devices/0000:41:00.0/tsm/connect"
+    assert (root / "sys/bus/pci/devices/0000:41:00.0/tsm/connect").read_text() == "tsm0"
+    assert steps[3].state.startswith("0000:41:00.0: not authenticated; IDE connected to tsm0")
+
+
+def test_tio_workflow_on_connected_and_plain_hosts(tmp_path: Path) -> None:
+    steps = connect_host_device("0000:41:00.1", recorded_host("tsm-6.19-connected", tmp_path / "a"))
+    assert steps[2] == TioStep("connect", "0000:41:00.0 already connected to tsm0")
+    plain = connect_host_device("0000:41:00.1", recorded_host("plain-host", tmp_path / "b"))
+    assert [s.to_json() for s in plain] == [
+        {"step": "host PCI TSM", "state": "no /sys/class/tsm/tsmN (no PCI TSM: Linux 6.19+ with a TSM driver)"}]
+    absent = connect_host_device("0000:99:00.0", recorded_host("tsm-6.19-connected", tmp_path / "c"))
+    assert absent[-1].state.startswith("0000:99:00.0 has no tsm/ directory")
+
+
+def test_tio_connect_the_kernel_refuses_is_infra(tmp_path: Path) -> None:
+    root = recorded_host("tsm-6.19-not-connected", tmp_path)
+    (root / "sys/bus/pci/devices/0000:41:00.0/tsm/connect").chmod(0o444)
+    if os.access(root / "sys/bus/pci/devices/0000:41:00.0/tsm/connect", os.W_OK):
+        # root ignores file modes: replace the attribute with a directory, which no write can open.
+        (root / "sys/bus/pci/devices/0000:41:00.0/tsm/connect").unlink()
+        (root / "sys/bus/pci/devices/0000:41:00.0/tsm/connect").mkdir()
+    with pytest.raises(InfraError, match=r"TIO: writing tsm0 to .*0000:41:00.0/tsm/connect failed"):
+        connect_host_device("0000:41:00.1", root, timeout=1)
+
+
+@pytest.mark.parametrize(("files", "name", "found"), [
+    # canonical/tdx boots TDs with Ubuntu's plain OVMF.fd.
+    (["usr/share/ovmf/OVMF.fd"], "tdvf", "/usr/share/ovmf/OVMF.fd"),
+    (["usr/share/ovmf/OVMF.fd", "usr/share/ovmf/OVMF.inteltdx.fd"], "tdvf", "/usr/share/ovmf/OVMF.inteltdx.fd"),
+    # Fedora/RHEL's edk2-ovmf layout.
+    (["usr/share/edk2/ovmf/OVMF.amdsev.fd"], "ovmf-amdsev", "/usr/share/edk2/ovmf/OVMF.amdsev.fd"),
+    (["usr/share/edk2/ovmf/OVMF.inteltdx.fd"], "tdvf", "/usr/share/edk2/ovmf/OVMF.inteltdx.fd"),
+    (["usr/share/OVMF/OVMF.fd"], "ovmf", "/usr/share/OVMF/OVMF.fd"),
+    ([], "tdvf", None),
+])
+def test_firmware_search_paths(tmp_path: Path, files: list[str], name: str, found: str | None) -> None:
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\0")
+    fact = probe_host(tmp_path).firmware[name]
+    assert fact.value == found, fact
+    if found is None:
+        assert "/usr/share/edk2/ovmf/OVMF.inteltdx.fd" in fact.evidence
