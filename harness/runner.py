@@ -152,6 +152,10 @@ def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
         "cmdline": plan.cmdline,
         "argv": plan.argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
         "requested_argv": plan.requested_argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
+        # Devices the tests hot-plug over QMP after boot (`device_add` specs): never on
+        # the command line, since a TIO device cold-plugged with SNP fails.
+        "hotplug": list(plan.profile.hotplug),
+        "requested_hotplug": list(plan.requested_profile.hotplug),
         "params": dict(plan.requested_profile.params),
     }
 

@@ -310,6 +310,9 @@ def test_tio_dry_run_requests_iommufd(cli: Cli) -> None:
     requested = plan["requested_argv"]
     assert requested[requested.index("iommufd,id=iommufd0") - 1] == "-object"
     assert plan["params"]["vfio_backend"] == "iommufd"
+    # The device comes over QMP after boot, with the same iommufd object.
+    assert plan["requested_hotplug"] == ["vfio-pci,host=0000:41:00.1,iommufd=iommufd0,id=tio0,bus=hp0,"
+                                         f"{plan['params']['tio_flag']}"]
     if plan["effective"] != "tio":
         assert "iommufd" not in " ".join(plan["argv"])  # the emulated twin hot-plugs edu
 
