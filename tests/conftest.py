@@ -83,6 +83,11 @@ class Cli:
         return dirs[0]
 
 
+def write_meta_json(run: Path, meta: dict[str, object]) -> None:
+    """A hand-written meta.json with only the keys the reader under test needs."""
+    (run / "meta.json").write_text(json.dumps(meta))
+
+
 def meta(run_dir: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((run_dir / "meta.json").read_text())
     return data

@@ -106,4 +106,4 @@ def test_tdx_host_banners_old_and_new() -> None:
 
 def test_snp_pvalidate_line_is_claimed_by_its_rule_not_the_warning() -> None:
     hits = scan((DATA / "dmesg" / "snp-pvalidate.log").read_text().splitlines())
-    assert [h.rule for h in hits] == ["warning", "snp-pvalidate", "warning", "call-trace"]
+    assert [h.rule for h in hits] == ["cut-here", "snp-pvalidate", "warning", "call-trace"]

@@ -15,8 +15,8 @@ from kcidb_io.schema import LATEST
 from harness.errors import BadInput
 from harness.kcidb import Exporter, export, kcidb_path, patchset_hash, rfc3339
 from harness.paths import REPO, SAMPLE_KERNEL
-from harness.results import TestRecord, write_meta, write_records
-from tests.conftest import Cli
+from harness.results import TestRecord, write_records
+from tests.conftest import Cli, write_meta_json
 
 # A guest suite with one test of each verdict, one of them failed by the kernel's own log.
 VERDICTS_SUITE = '''
@@ -133,7 +133,7 @@ def test_a_remote_targets_kernel_is_known_by_release_and_machine(tmp_path: Path)
     for name, target in (("r1", "ssh://root@lab-a"), ("r2", "ssh://root@lab-b")):
         run = tmp_path / name
         run.mkdir()
-        write_meta(run, {"run_id": name, "status": "passed", "started": "2026-11-01T00:00:00+0000",
+        write_meta_json(run, {"run_id": name, "status": "passed", "started": "2026-11-01T00:00:00+0000",
                          "target": target, "kernel": {"release": "6.12.9", "spec": None},
                          "profile": {"requested": "remote", "effective": "remote", "reasons": [], "accel": None}})
         write_records(run, [TestRecord("test_boot.py::test_reached_userspace", "passed", seconds=0.2)])

@@ -17,8 +17,8 @@ from kcidb_io.schema import LATEST
 
 from harness.nightly import Outcome, merge_nights, write_report
 from harness.paths import REPO
-from harness.results import TestRecord, write_meta, write_records
-from tests.conftest import Cli
+from harness.results import TestRecord, write_records
+from tests.conftest import Cli, write_meta_json
 from tests.test_kcidb import junit_verdicts
 
 GITLAB_CI_LOCAL = REPO / "tools" / "node_modules" / ".bin" / "gitlab-ci-local"
@@ -117,7 +117,7 @@ def test_merge_reads_shard_trees_where_they_are_now(tmp_path: Path) -> None:
     shard = tmp_path / "runner" / "nightly-1-shard1of1"
     run = shard / "entry-a" / "20261101-000000-emulated-6.1-abcd"
     run.mkdir(parents=True)
-    write_meta(run, {"run_id": run.name, "status": "failed"})
+    write_meta_json(run, {"run_id": run.name, "status": "failed"})
     write_records(run, [TestRecord("test_boot.py::test_x", "passed"), TestRecord("test_boot.py::test_y", "failed")])
     write_report(shard, [Outcome("entry-a", "k", "emulated", "boot", 1, 1, "failed", 1, str(run), 1.0)], {})
     moved = tmp_path / "report-job" / "shards" / shard.name
