@@ -21,11 +21,13 @@ import gzip
 import lzma
 import re
 import shutil
-import subprocess
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from harness import process
+from harness.errors import InfraError
 
 # A remote target's kernel configuration, as the guest tests read it from the
 # target, in the run directory.
@@ -160,10 +162,8 @@ def _decompress(payload: bytes) -> bytes | None:
         if payload[:1] == b"\x5d":
             return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload)
         if payload[:4] == b"\x28\xb5\x2f\xfd" and shutil.which("zstd"):
-            proc = subprocess.run(["zstd", "-d", "-c", "-q"], input=payload[:-4], capture_output=True,
-                                  timeout=60, check=False)
-            return proc.stdout or None
-    except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError, subprocess.TimeoutExpired):
+            return process.run(["zstd", "-d", "-c", "-q"], input=payload[:-4], timeout=60).stdout or None
+    except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError, InfraError):
         return None
     return None
 

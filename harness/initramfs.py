@@ -14,10 +14,10 @@ import hashlib
 import io
 import lzma
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import process
 from harness.cpio import CpioWriter
 from harness.errors import InfraError
 from harness.kernel import Kernel
@@ -45,9 +45,7 @@ def _busybox() -> Path:
 
 
 def _busybox_applets(busybox: Path) -> list[str]:
-    out = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, text=True, timeout=10, check=True,
-    ).stdout
+    out = process.run([str(busybox), "--list-full"], timeout=10).check(f"{busybox} --list-full").out
     return sorted(line.strip() for line in out.splitlines() if line.strip())
 
 
@@ -116,9 +114,7 @@ def _read_module(path: Path) -> bytes:
         zstd = shutil.which("zstd")
         if not zstd:
             raise InfraError(f"module {path.name} is zstd-compressed: install the zstd package")
-        return subprocess.run(
-            [zstd, "-dc", str(path)], capture_output=True, timeout=60, check=True,
-        ).stdout
+        return process.run([zstd, "-dc", str(path)], timeout=60).check(f"zstd -dc {path}").stdout
     return data
 
 
@@ -130,7 +126,7 @@ def elf_with_libraries(binary: str) -> list[Path]:
     path = Path(binary)
     if not path.is_file():
         raise InfraError(f"{binary} not found: install the dropbear-bin package for the ssh channel")
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=30, check=True).stdout
+    out = process.run(["ldd", binary], timeout=30).check(f"ldd {binary}").out
     libs = [Path(m) for m in (line.split("=>")[-1].split("(")[0].strip() for line in out.splitlines())
             if m.startswith("/")]
     return [path, *libs]

@@ -12,11 +12,11 @@ import fcntl
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import process
 from harness.errors import BadInput, InfraError
 from harness.hashing import file_sha256 as file_sha256  # runner and cli import it from here
 from harness.paths import cache_dir
@@ -156,16 +156,12 @@ def _artifact_kernel(artifact: Path, spec: str) -> Kernel:
 
 def _apt(args: list[str], what: str, cwd: str | None = None) -> str:
     try:
-        proc = subprocess.run(
-            args, capture_output=True, text=True, timeout=600, check=False, cwd=cwd,
-        )
-    except FileNotFoundError:
-        raise InfraError(f"{what}: {args[0]} not found (is this a Debian host?)") from None
-    except subprocess.TimeoutExpired:
-        raise InfraError(f"{what}: {args[0]} timed out after 600 s") from None
-    if proc.returncode != 0:
-        raise _AptFailed(proc.stderr.strip() or proc.stdout.strip())
-    return proc.stdout
+        proc = process.run(args, timeout=600, cwd=Path(cwd) if cwd else None)
+    except InfraError as e:
+        raise InfraError(f"{what}: {e} (is this a Debian host with apt?)") from None
+    if not proc.ok:
+        raise _AptFailed(proc.err.strip() or proc.out.strip())
+    return proc.out
 
 
 class _AptFailed(Exception):
@@ -238,14 +234,11 @@ def _download_and_unpack(package: str, root: Path) -> None:
             raise InfraError(f"package {package}: apt-get download left no .deb")
         deb = debs[-1]
         staging = Path(tmp) / "root"
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True, timeout=300)
+        process.run(["dpkg-deb", "-x", str(deb), str(staging)], timeout=300).check(f"dpkg-deb -x {deb.name}")
         releases = [p.name for p in (staging / "lib/modules").iterdir()]
         for release in releases:
             depmod = shutil.which("depmod") or "/sbin/depmod"
-            subprocess.run(
-                [depmod, "-b", str(staging), release], check=True, timeout=300,
-                capture_output=True,
-            )
+            process.run([depmod, "-b", str(staging), release], timeout=300).check(f"depmod {release}")
             image = staging / "boot" / f"vmlinuz-{release}"
             (staging / ".unpacked").write_text(file_sha256(image) + "\n")
         if root.exists():

@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness import process
+from harness.errors import InfraError
 from harness.paths import atomic_write, cache_dir
 
 KVM_PROBE_DEADLINE = 2.0
@@ -303,14 +305,14 @@ def probe_kvm(qemu: str | None, root: Path = Path("/"), use_cache: bool = True) 
 
 
 def qemu_version(qemu: str) -> str:
-    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
+    out = process.run([qemu, "--version"], timeout=10).out
     m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
     return m.group(1) if m else "unknown"
 
 
 def qemu_objects(qemu: str) -> list[str]:
     """Which confidential-guest (and IGVM, iommufd) objects this QEMU was built with (`-object help`)."""
-    out = subprocess.run([qemu, "-object", "help"], capture_output=True, text=True, timeout=10).stdout
+    out = process.run([qemu, "-object", "help"], timeout=10).out
     listed = {line.strip() for line in out.splitlines()}
     return [o for o in QEMU_OBJECTS if o in listed]
 
@@ -337,13 +339,12 @@ def qemu_object_properties(qemu: str, qom_types: list[str]) -> dict[str, Fact]:
                 {"execute": "quit"}]
     what = f"{qemu} QMP qom-list-properties"
     try:
-        proc = subprocess.run([qemu, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
-                              input="\n".join(json.dumps(r) for r in requests) + "\n", capture_output=True,
-                              text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        proc = process.run([qemu, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
+                           input=("\n".join(json.dumps(r) for r in requests) + "\n").encode(), timeout=20)
+    except InfraError as e:
         return {t: Fact(None, f"{what}: {e}") for t in qom_types}
     answers = []
-    for line in proc.stdout.splitlines():
+    for line in proc.out.splitlines():
         try:
             msg = json.loads(line)
         except ValueError:
@@ -381,8 +382,7 @@ def qemu_vfio_tio(qemu: str) -> Fact:
 
 
 def _vfio_pci_properties(qemu: str) -> list[str]:
-    proc = subprocess.run([qemu, "-device", "vfio-pci,help"], capture_output=True, text=True, timeout=10)
-    return parse_property_help(proc.stdout)
+    return parse_property_help(process.run([qemu, "-device", "vfio-pci,help"], timeout=10).out)
 
 
 def qemu_vfio_iommufd(qemu: str) -> Fact:
@@ -430,10 +430,10 @@ def host_dmesg(root: Path) -> str | None:
         except OSError:
             return None
     try:
-        proc = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        proc = process.run(["dmesg"], timeout=10)
+    except InfraError:
         return None
-    return proc.stdout if proc.returncode == 0 else None
+    return proc.out if proc.ok else None
 
 
 def _with_dmesg(fact: Fact, log: str | None, key: str) -> Fact:

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Literal, overload
 
 from harness.errors import InfraError, Terminated
 
@@ -132,39 +134,90 @@ def raise_on_sigterm() -> Callable[[], None]:
     return restore
 
 
-@overload
-def run(argv: Sequence[str], *, timeout: float = ..., check: bool = ..., text: Literal[True] = ...,
-        input: str | None = ..., cwd: Path | None = ..., env: Mapping[str, str] | None = ...,
-        what: str | None = ...) -> subprocess.CompletedProcess[str]: ...
+@dataclass(frozen=True)
+class Ran:
+    """A finished program: its exit status and what it wrote."""
+
+    argv: tuple[str, ...]
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+    def check(self, what: str) -> Ran:
+        """Itself if it succeeded; else InfraError '<what> failed: <end of stderr>'."""
+        if not self.ok:
+            raise InfraError(f"{what} failed: {self.err.strip()[-200:] or f'exit status {self.status}'}")
+        return self
 
 
-@overload
-def run(argv: Sequence[str], *, timeout: float = ..., check: bool = ..., text: Literal[False],
-        input: bytes | None = ..., cwd: Path | None = ..., env: Mapping[str, str] | None = ...,
-        what: str | None = ...) -> subprocess.CompletedProcess[bytes]: ...
+def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, cwd: Path | None = None,
+        input: bytes | None = None, env: Mapping[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None) -> Ran:
+    """The harness's one door to short-lived programs (git, make, the compiler,
+    QEMU's queries, apt, dropbearkey...): an argument list, never a shell string,
+    and a deadline always.
 
-
-def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = False, text: bool = True,
-        input: str | bytes | None = None, cwd: Path | None = None, env: Mapping[str, str] | None = None,
-        what: str | None = None) -> subprocess.CompletedProcess[str] | subprocess.CompletedProcess[bytes]:
-    """Run a program to completion with its output captured; never through a shell.
-
-    Raises InfraError (named by `what`, default the program) when the program
-    is missing or cannot start, outlives `timeout` seconds (it is killed), or,
-    with check=True, exits non-zero (with the end of its stderr).
+    The program runs in its own process group: when the deadline passes, or the
+    harness is interrupted (Ctrl-C, SIGTERM turned into Terminated), the whole
+    group is killed (make's parallel jobs and compilers included). Returns what
+    it did whatever its exit status (`.check(what)` turns a failure into
+    InfraError). With `on_line`, stdout and stderr are merged and each line
+    (without its newline) is handed over as it comes; the returned output is
+    then empty. Raises InfraError (exit 3) if the program does not exist or
+    cannot start, or is still running after `timeout` seconds.
     """
-    name = what or Path(argv[0]).name
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=text, timeout=timeout, input=input,
-                              cwd=cwd, env=env, stdin=subprocess.DEVNULL if input is None else None)
+        proc = subprocess.Popen(list(argv), cwd=cwd, env=None if env is None else dict(env),
+                                stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT if on_line else subprocess.PIPE,
+                                start_new_session=True)
     except FileNotFoundError:
-        raise InfraError(f"{name}: {argv[0]} not found") from None
-    except subprocess.TimeoutExpired:
-        raise InfraError(f"{name}: no result within {timeout:g} s (killed)") from None
+        raise InfraError(f"{argv[0]}: not found") from None
     except OSError as e:
-        raise InfraError(f"{name}: cannot run {argv[0]}: {e.strerror}") from None
-    if check and proc.returncode != 0:
-        err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode("utf-8", "replace")
-        tail = " | ".join(err.strip().splitlines()[-3:])
-        raise InfraError(f"{name}: exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
-    return proc
+        raise InfraError(f"cannot run {argv[0]}: {e.strerror}") from None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _kill_group(proc)
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    try:
+        out, err = b"", b""
+        if on_line is None:
+            out, err = proc.communicate(input)
+        else:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                on_line(raw.decode("utf-8", "replace").rstrip("\n"))
+            proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        proc.wait()
+        raise
+    finally:
+        timer.cancel()
+        timer.join()
+    if expired.is_set() and proc.returncode == -signal.SIGKILL:
+        raise InfraError(f"{shlex.join(argv)}: still running after {timeout:.0f}s, killed")
+    return Ran(tuple(argv), proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone

@@ -78,8 +78,8 @@ def make_guest_keys(directory: Path) -> GuestKeys:
     client.write_private_key_file(str(client_path))
     client_path.chmod(0o600)
     host_path = directory / "host_key"
-    process.run([dropbearkey, "-t", "ed25519", "-f", str(host_path)], check=True, timeout=30)
-    out = process.run([dropbearkey, "-y", "-f", str(host_path)], check=True, timeout=30).stdout
+    process.run([dropbearkey, "-t", "ed25519", "-f", str(host_path)], timeout=30).check("dropbearkey")
+    out = process.run([dropbearkey, "-y", "-f", str(host_path)], timeout=30).check("dropbearkey").out
     public = next(line for line in out.splitlines() if line.startswith("ssh-"))
     return GuestKeys(client_path, f"{client.get_name()} {client.get_base64()} harness", host_path,
                      " ".join(public.split()[:2]))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 from pathlib import Path
 
+from harness import process
 from harness.errors import InfraError
 from harness.paths import GUEST_TESTS_DIR, cache_dir
 
@@ -17,7 +17,7 @@ def _compiler() -> tuple[str, str]:
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise InfraError("no C compiler for the guest tools: install gcc and libc6-dev")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = process.run([cc, "--version"], timeout=30).out
     return cc, version.splitlines()[0] if version else "unknown"
 
 
@@ -34,11 +34,10 @@ def build_tools(sources: Path = TOOLS_DIR) -> tuple[tuple[str, Path], ...]:
         if not binary.exists():
             binary.parent.mkdir(parents=True, exist_ok=True)
             tmp = binary.with_suffix(".tmp")
-            proc = subprocess.run([cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(src), "-lpthread"],
-                                  capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                detail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-                hint = " (static libc: install libc6-dev)" if "cannot find -lc" in proc.stderr else ""
+            proc = process.run([cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(src), "-lpthread"], timeout=300)
+            if not proc.ok:
+                detail = " | ".join(proc.err.strip().splitlines()[-3:])
+                hint = " (static libc: install libc6-dev)" if "cannot find -lc" in proc.err else ""
                 raise InfraError(f"guest tool {src.name} does not compile{hint}: {detail}")
             tmp.replace(binary)
         out.append((f"/usr/bin/{src.stem}", binary))

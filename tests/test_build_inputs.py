@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.build import BuildSpec, dropped_options, load_fragment, load_series, load_spec, parse_fragment
-from harness.build.command import run
 from harness.errors import BadInput, InfraError
+from harness.process import run
 from tests.conftest import REPO
 
 # -- series ---------------------------------------------------------------------------------

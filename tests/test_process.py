@@ -106,22 +106,28 @@ def test_sigterm_raises_terminated_until_restored() -> None:
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_run_captures_output_as_text_or_bytes() -> None:
+def test_run_captures_output_as_bytes_and_text() -> None:
     proc = run(["sh", "-c", "echo out; echo err >&2; exit 3"])
-    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
-    assert run(["cat"], input=b"\x00\xff", text=False).stdout == b"\x00\xff"
+    assert (proc.status, proc.out, proc.err, proc.ok) == (3, "out\n", "err\n", False)
+    assert run(["cat"], input=b"\x00\xff").stdout == b"\x00\xff"
 
 
 @pytest.mark.parametrize(("argv", "kwargs", "message"), [
-    (["no-such-program-here"], {}, "no-such-program-here: no-such-program-here not found"),
-    (["sleep", "10"], {"timeout": 0.2}, "sleep: no result within 0.2 s (killed)"),
-    (["sh", "-c", "echo one >&2; echo two >&2; exit 4"], {"check": True, "what": "helper"},
-     "helper: exited with status 4: one | two"),
+    (["no-such-program-here"], {}, "no-such-program-here: not found"),
+    (["sleep", "10"], {"timeout": 0.2}, "sleep 10: still running after 0s, killed"),
 ])
-def test_run_failures_are_infrastructure_errors(argv: list[str], kwargs: dict[str, object], message: str) -> None:
+def test_run_failures_are_infrastructure_errors(argv: list[str], kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(InfraError) as e:
-        run(argv, **kwargs)  # type: ignore[call-overload]
+        run(argv, **kwargs)
     assert str(e.value) == message
+
+
+def test_check_names_what_failed_with_the_end_of_its_stderr() -> None:
+    with pytest.raises(InfraError) as e:
+        run(["sh", "-c", "echo one >&2; echo two >&2; exit 4"]).check("helper")
+    assert str(e.value) == "helper failed: one\ntwo"
+    with pytest.raises(InfraError, match="^quiet failed: exit status 5$"):
+        run(["sh", "-c", "exit 5"]).check("quiet")
 
 
 def test_a_failed_qmp_quit_is_noted_and_qemu_still_stops(debian_kernel) -> None:  # type: ignore[no-untyped-def]
