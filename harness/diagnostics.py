@@ -19,7 +19,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import re
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from harness import process
+from harness.build.kconfig import read_config
 from harness.errors import InfraError
 
 # A remote target's kernel configuration, as the guest tests read it from the
 # target, in the run directory.
 REMOTE_CONFIG = "target-kernel.config"
-_OPTION = re.compile(r"^(CONFIG_\w+)=(.*)$")
 
 # (key, options any of which turns it on, what the kernel reports with it)
 FEATURES: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -97,19 +96,9 @@ class Diagnostics:
         return cls(data.get("source"), {str(k): bool(v) for k, v in (data.get("features") or {}).items()})
 
 
-def parse_config(text: str) -> dict[str, str]:
-    """CONFIG_X -> value for the set options of a .config (`# ... is not set` lines are absent)."""
-    options = {}
-    for line in text.splitlines():
-        m = _OPTION.match(line.strip())
-        if m:
-            options[m.group(1)] = m.group(2)
-    return options
-
-
 def diagnose(config_text: str, source: str) -> Diagnostics:
     """The reporting features a configuration turns on (built in or as a module)."""
-    options = parse_config(config_text)
+    options = read_config(config_text)
     features = {key: any(options.get(o) in ("y", "m") for o in opts) for key, opts, _ in FEATURES}
     return Diagnostics(source, features)
 

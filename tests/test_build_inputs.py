@@ -13,7 +13,7 @@ import pytest
 from harness.build import BuildSpec, dropped_options, load_fragment, load_series, load_spec, parse_fragment
 from harness.errors import BadInput, InfraError
 from harness.process import run
-from tests.conftest import REPO
+from tests.conftest import REPO, Cli
 
 # -- series ---------------------------------------------------------------------------------
 
@@ -69,6 +69,33 @@ def test_fragments_parse_and_name_their_base() -> None:
                 assert any(x.startswith("#") for x in lines[max(0, i - 6):i]), (name, line)
     with pytest.raises(BadInput, match="not a file and not in kconfigs/"):
         load_fragment("no-such-fragment")
+
+
+@pytest.mark.parametrize(("line", "ok"), [
+    ("CONFIG_A=y", True), ("CONFIG_A=m", True), ("CONFIG_A=n", True), ("CONFIG_NR_CPUS=64", True),
+    ("CONFIG_X=0x1000", True), ('CONFIG_CMDLINE="console=ttyS0 a=\\"b c\\""', True), ('CONFIG_S=""', True),
+    ("# CONFIG_A is not set", True), ("   ", True), ("# any comment", True),
+    ("this is not kconfig", False), ("CONFIG_FOO", False), ("CONFIG_FOO=maybe", False), ("CONFIG_FOO=y y", False),
+    ('CONFIG_S="unclosed', False), ("config FOO", False),
+])
+def test_fragments_are_parsed_strictly(line: str, ok: bool) -> None:
+    text = f"# harness-base: tinyconfig\nCONFIG_BASE=y\n{line}\n"
+    if ok:
+        parse_fragment(text, "x.config")
+        return
+    with pytest.raises(BadInput) as e:
+        parse_fragment(text, "x.config")
+    assert str(e.value).startswith(f"config fragment x.config:3: not a Kconfig line: {line!r}")
+
+
+def test_a_fragment_with_a_non_kconfig_line_is_exit_2_before_any_build(cli: Cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.config"
+    bad.write_text("# harness-base: tinyconfig\n# why\nCONFIG_PRINTK=y\nCONFIG_FOO\n")
+    proc = cli("build", "--source", "/usr/src/linux-source-6.12.tar.xz", "--config", str(bad), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"harness: config fragment {bad}:4: not a Kconfig line: 'CONFIG_FOO' "
+        '(expected CONFIG_X=y|m|n|number|"string" or # CONFIG_X is not set)']
 
 
 def test_fragment_errors(tmp_path: Path) -> None:

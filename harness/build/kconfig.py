@@ -27,28 +27,43 @@ class Fragment:
     text: str = field(repr=False)
 
 
-def parse_fragment(text: str) -> tuple[str | None, dict[str, str]]:
-    """`# harness-base: tinyconfig` and the CONFIG_ lines of a fragment."""
+_VALUE = re.compile(r'^(y|m|n|-?\d+|0[xX][0-9a-fA-F]+|"(?:[^"\\]|\\.)*")$')
+
+
+def parse_fragment(text: str, where: str = "fragment") -> tuple[str | None, dict[str, str]]:
+    """`# harness-base: tinyconfig` and the CONFIG_ lines of a fragment.
+
+    Strict, as a user's file must be: every line is blank, a comment,
+    `CONFIG_X=<y|m|n|number|"string">` or `# CONFIG_X is not set`; anything
+    else is BadInput naming `where` and the line (a typo would otherwise build
+    for minutes and silently ask for nothing)."""
     base = None
     options: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
         m = re.match(r"#\s*harness-base:\s*(\S+)", line)
         if m:
             base = m.group(1)
             continue
         m = _OPTION.match(line)
-        if m:
-            if m.group(3):
-                options[m.group(3)] = "n"
-            else:
-                options[m.group(1)] = m.group(2)
+        if m and m.group(3):
+            options[m.group(3)] = "n"
+        elif m and _VALUE.match(m.group(2)):
+            options[m.group(1)] = m.group(2)
+        elif line and not line.startswith("#"):
+            raise BadInput(f"config fragment {where}:{number}: not a Kconfig line: {raw.strip()[:80]!r} "
+                           '(expected CONFIG_X=y|m|n|number|"string" or # CONFIG_X is not set)')
     return base, options
 
 
 def read_config(text: str) -> dict[str, str]:
-    """A .config as CONFIG_X -> value ("n" for `# CONFIG_X is not set`)."""
-    return parse_fragment(text)[1]
+    """A generated .config as CONFIG_X -> value ("n" for `# CONFIG_X is not set`)."""
+    options: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _OPTION.match(line.strip())
+        if m:
+            options[m.group(3) or m.group(1)] = "n" if m.group(3) else m.group(2)
+    return options
 
 
 def load_fragment(name: str) -> Fragment:
@@ -60,7 +75,7 @@ def load_fragment(name: str) -> Fragment:
         known = ", ".join(sorted(p.stem for p in KCONFIGS_DIR.glob("*.config")))
         raise BadInput(f"config fragment {name!r}: not a file and not in kconfigs/ ({known})")
     text = path.read_text()
-    base, options = parse_fragment(text)
+    base, options = parse_fragment(text, str(path))
     if base not in (None, *BASES):
         raise BadInput(f"config fragment {path}: harness-base {base!r} must be tinyconfig, defconfig or allnoconfig")
     if not options:
