@@ -24,6 +24,37 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(f"{self.prog}: {message}")
 
 
+def _positive(kind: type[int] | type[float], unit: str) -> Any:
+    """An argparse type: a number above zero (a deadline of 0 s, or 0 jobs, is not a choice)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, not {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, not {text!r}")
+        return value
+    return parse
+
+
+# Options whose value may itself start with a dash (`--qemu-arg -S`, `--append -x`):
+# argparse would take such a value for an option, so they are joined with `=` first.
+_DASH_VALUES = ("--qemu-arg", "--append")
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _DASH_VALUES and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default=None,
                    help="bzImage, build artifact dir, build spec YAML, or debian:<linux-image package> "
@@ -34,7 +65,7 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command-line arguments")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                    help="extra QEMU argument (repeat for each), appended after the profile's")
-    p.add_argument("--boot-timeout", type=float, default=None, metavar="S",
+    p.add_argument("--boot-timeout", type=_positive(float, "seconds"), default=None, metavar="S",
                    help="seconds to reach userspace (default: the profile's timeouts.boot)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="profile parameter (memory, smp, cbitpos, firmware, host_bdf, ...); repeatable")
@@ -44,6 +75,14 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                    help="exit 3 instead of falling back when the host lacks the profile's hardware")
     p.add_argument("--force", action="store_true",
                    help="launch the requested profile even where the probe says the host lacks what it needs")
+
+
+def write_output(path: Path, text: str) -> None:
+    """A report to the file the user named; BadInput (exit 2) naming it if it cannot be written."""
+    try:
+        path.write_text(text if text.endswith("\n") else text + "\n")
+    except OSError as e:
+        raise BadInput(f"--output {path}: {e.strerror}") from None
 
 
 def _add_kcidb_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_args(p)
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
     p.add_argument("--tests", type=Path, default=GUEST_TESTS_DIR, help="guest test directory")
-    p.add_argument("--timeout", type=float, default=1800.0, help="deadline for all guest tests, seconds")
+    p.add_argument("--timeout", type=_positive(float, "seconds"), default=1800.0,
+                   help="deadline for all guest tests, seconds")
     p.add_argument("--dry-run", action="store_true", help="print the launch plan, start nothing")
     p.add_argument("--channel", choices=("serial", "ssh"), default="serial",
                    help="command channel to our guest: its second serial port, or SSH (dropbear, per-run keys)")
@@ -111,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("matrix", nargs="?", type=Path, help="MATRIX.yaml")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
     p.add_argument("--shard", default=None, metavar="I/N", help="run every N-th entry starting at I (1-based)")
-    p.add_argument("--jobs", type=int, default=None, help="entries at a time (default: half the cores)")
+    p.add_argument("--jobs", type=_positive(int, "entries"), default=None,
+                   help="entries at a time (default: half the cores)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="NIGHT",
                    help="merge shard trees (nightly-*/ directories) into --results instead of running")
     p.add_argument("--kcidb", type=Path, default=None, metavar="FILE", help="also write the night as KCIDB JSON")
@@ -178,7 +219,7 @@ def _dispatch(argv: list[str]) -> int:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1:]
     try:
-        args, extra = parser.parse_known_args(argv)
+        args, extra = parser.parse_known_args(_join_dash_values(argv))
     except SystemExit as e:  # --help and --version
         return int(e.code or 0)
     if extra and args.command != "run":
@@ -348,7 +389,10 @@ def _write_kcidb(paths: list[Path], output: Path | None, origin: str | None, log
     from harness.kcidb import DEFAULT_ORIGIN, export, write
 
     doc = export(paths, origin or DEFAULT_ORIGIN, log_url)
-    text = write(doc, output)
+    try:
+        text = write(doc, output)
+    except OSError as e:
+        raise BadInput(f"--output {output}: {e.strerror}") from None
     if output is None:
         print(text, end="")
     else:
@@ -382,7 +426,7 @@ def _compare(args: argparse.Namespace) -> int:
         else:
             text = render_text(comparison)
     if args.output:
-        args.output.write_text(text if text.endswith("\n") else text + "\n")
+        write_output(args.output, text)
         print(f"wrote {args.output}")
     else:
         print(text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -206,8 +205,17 @@ def choose_accel(profile: Profile, caps: HostCaps) -> tuple[str, str]:
 
 
 def kernel_cmdline(profile: Profile, append: str = "", channel: str = "serial") -> str:
+    """The profile's words, the channel's, then `append` as the user wrote it.
+
+    `append` is kernel command-line syntax, not shell: the kernel keeps double
+    quotes (`b="x y"` is one parameter whose value has a space), so it is passed
+    on verbatim; an unclosed quote would swallow every parameter after it and
+    is BadInput."""
+    if append.count('"') % 2:
+        raise BadInput(f"--append {append!r}: unclosed double quote (the kernel would take the rest of the "
+                       "command line as its value)")
     ssh = ["harness.ssh=1"] if channel == "ssh" else []
-    return " ".join([*profile.cmdline, *ssh, *shlex.split(append)])
+    return " ".join([*profile.cmdline, *ssh, *([append.strip()] if append.strip() else [])])
 
 
 def build_argv(

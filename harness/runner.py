@@ -142,6 +142,14 @@ def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan,
     return plan, caps
 
 
+def _results_root(req: RunRequest) -> Path:
+    """--results, which must be (or become) a directory; BadInput naming it otherwise."""
+    root = req.results.resolve()
+    if root.exists() and not root.is_dir():
+        raise BadInput(f"--results {req.results}: not a directory")
+    return root
+
+
 def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
     return {
         "requested": plan.requested,
@@ -184,6 +192,8 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
     """
     start = time.monotonic()
     launch = launcher or _run_pytest
+    if not req.dry_run:
+        _results_root(req)  # a bad --results is named before any build or boot
     if req.target is not None:
         return _run_remote(req, argv, start, launch)
     plan, caps = make_plan(req, prober)
@@ -192,7 +202,7 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
         return 0
     sweep_stale()
     run_id = new_run_id(plan.kernel.release, plan.profile.name)
-    run_dir = req.results.resolve() / run_id
+    run_dir = _results_root(req) / run_id
     run_dir.mkdir(parents=True)
     record = _start_record(run_id, plan, caps, req, argv)
     write_run(run_dir, record)
@@ -249,7 +259,7 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
         raise BadInput(f"guest tests {req.tests}: no such directory")
     release = resolve_kernel(req.kernel).release if req.kernel else None
     run_id = new_run_id(release or "unknown", "remote")
-    run_dir = req.results.resolve() / run_id
+    run_dir = _results_root(req) / run_id
     run_dir.mkdir(parents=True)
     info = {"url": target.url, "identity": str(req.identity.resolve()),
             "known_hosts": str(req.known_hosts.resolve()) if req.known_hosts else None, "release": release}
