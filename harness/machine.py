@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -108,6 +109,7 @@ class QemuProcess:
     def __init__(self, argv: list[str], log: Path) -> None:
         self.argv = argv
         self.log = log
+        self._stopping = False  # set once the harness itself stops QEMU
         with open(log, "wb") as out:
             try:
                 self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -148,7 +150,29 @@ class QemuProcess:
 
         True once QEMU is gone; False if it survived SIGKILL.
         """
+        self._stopping = True
         return not self.running() or stop_group(self.popen, term_wait)
+
+    def interference(self) -> str | None:
+        """Why QEMU cannot answer for reasons outside the kernel under test, if so.
+
+        A guest that panics, resets or powers off makes QEMU exit with a status
+        of its own (0 with -no-reboot); a negative status is a signal that the
+        harness did not send (the OOM killer, a user's kill -9, QEMU's own
+        crash), and a stopped QEMU (SIGSTOP) runs no guest at all. Either is
+        infrastructure, never the kernel's failure.
+        """
+        status = self.returncode
+        if status is not None:
+            if status < 0 and not self._stopping:
+                return (f"QEMU died of signal {signal.Signals(-status).name} that the harness did not send "
+                        "(OOM killer, a kill from outside, or a QEMU crash)")
+            return None
+        try:
+            state = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except (OSError, IndexError):
+            return None
+        return "QEMU is stopped (SIGSTOP from outside the harness): the guest cannot run" if state in "Tt" else None
 
 
 def wait_for_agent(agent: AgentSession, console: Console, qemu: QemuProcess, deadline: float,
@@ -183,6 +207,9 @@ def boot_error(console: Console, qemu: QemuProcess) -> HarnessError | None:
     status = qemu.returncode
     if status is None:
         return None
+    outside = qemu.interference()
+    if outside is not None:
+        return InfraError(f"{outside}, during boot")
     if console.bytes_read:
         return BootFailure(f"QEMU exited with status {status} during boot (guest reset or powered off)",
                            _tail(console))

@@ -97,6 +97,10 @@ class RunInfo:
                         f"{self.plan.profile.name} ({'; '.join(self.plan.reasons)})")
 
 
+# This pytest process's VM, for the report hook to ask whether it was killed from outside.
+_MACHINE = pytest.StashKey[Machine]()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness")
     group.addoption("--harness-run-dir", default=None, help="run directory holding plan.json")
@@ -130,7 +134,7 @@ def run_info(request: pytest.FixtureRequest) -> RunInfo:
 
 
 @pytest.fixture(scope="session")
-def machine(run_info: RunInfo) -> Iterator[Machine]:
+def machine(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Machine]:
     """The booted VM of this pytest process. Boot failures raise (and are cached)."""
     if run_info.plan is None:
         pytest.skip(f"remote target {run_info.target and run_info.target['url']}: no QEMU machine to drive")
@@ -142,6 +146,7 @@ def machine(run_info: RunInfo) -> Iterator[Machine]:
                 sock_parent=Path(sock_parent) if sock_parent else None,
                 console_log=f"console{suffix}.log")
     record = MachineRecord(name=name, worker=run_info.worker, console=m.console_path.name)
+    request.config.stash[_MACHINE] = m
     write_machine(run_info.run_dir, record)
     try:
         m.launch()
@@ -259,10 +264,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if call.excinfo is not None:
         exc = call.excinfo.value
-        if isinstance(exc, KernelFault):
+        # A guest that stopped answering because its QEMU was killed or stopped from
+        # outside (kill -9, the OOM killer, SIGSTOP) did not fail: the host broke.
+        machine = item.config.stash.get(_MACHINE, None)
+        outside = machine.qemu.interference() if machine is not None and machine.qemu is not None else None
+        if isinstance(exc, KernelFault) and outside is None:
             report.user_properties.append(("harness_kind", "kernel"))
         elif isinstance(exc, HarnessError):
             report.user_properties.append(("harness_kind", "infra"))
+            if outside is not None:
+                report.user_properties.append(("harness_infra", outside))
     return report
 
 
@@ -319,13 +330,14 @@ class Recorder:
         rec.seconds += report.duration
         props = dict(report.user_properties)
         kind = str(props.pop("harness_kind", "")) or None
+        infra = props.pop("harness_infra", None)
         for key, value in props.items():
             rec.properties[key] = value
         status = classify(report.when, report.outcome, kind)
         # The first non-pass outcome decides (a teardown error does not hide a failure).
         if status != "passed" and rec.status == "passed":
             rec.status = status
-            rec.message = _message(report)
+            rec.message = f"{infra}: {_message(report)}" if infra else _message(report)
             rec.details = str(report.longreprtext or "") if status != "skipped" else ""
         if report.when == "teardown":
             self._write_test(rec, report)
