@@ -8,6 +8,7 @@ carry a `[    1.234567] ` timestamp prefix, which the patterns tolerate.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -82,6 +83,7 @@ class Console:
         self._lock = threading.Lock()
         self._scanner = BootScanner()
         self._reader: threading.Thread | None = None
+        self.log_error: str | None = None  # why the raw log stopped, if it had to
 
     def start(self, name: str) -> None:
         self._reader = threading.Thread(target=self._read, name=name, daemon=True)
@@ -122,7 +124,12 @@ class Console:
 
     def _read(self) -> None:
         pending = b""
-        with open(self._log, "ab", buffering=0) as log:
+        try:
+            log = open(self._log, "ab", buffering=0)
+        except OSError as e:
+            self.log_error = f"{self._log}: {e.strerror} (no console log)"
+            log = open(os.devnull, "ab", buffering=0)
+        with log:
             while True:
                 try:
                     data = self._sock.recv(65536)
@@ -131,8 +138,14 @@ class Console:
                 if not data:
                     break
                 # Tee first, parse second: the raw bytes are on disk before any
-                # decision is taken on them.
-                log.write(data)
+                # decision is taken on them. A full or read-only results disk must
+                # not stop the draining (QEMU would block on the socket and the
+                # guest with it): the log stops, the reading goes on.
+                if self.log_error is None:
+                    try:
+                        log.write(data)
+                    except OSError as e:
+                        self.log_error = f"{self._log}: {e.strerror} (console log cut here)"
                 if self._sink is not None:
                     self._sink(data)
                 lines, pending = split_lines(pending + data)

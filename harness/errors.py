@@ -11,6 +11,10 @@ EXIT_BAD_INPUT = 2
 EXIT_INFRA = 3
 
 
+# The guest tests' own exit status (the pytest child's) when they stopped because
+# the results directory could not be written (disk full, read-only).
+RESULTS_UNWRITABLE = 75
+
 class HarnessError(Exception):
     """Base class: carries the exit code the CLI returns for it."""
 

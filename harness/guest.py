@@ -90,13 +90,51 @@ class GuestChannel:
         pass
 
 
+class Transcript:
+    """The channel's transcript file. A full or read-only results disk ends the
+    transcript (`error` says why), never the command that was being logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: str | None = None
+        try:
+            self._file: BinaryIO | None = open(path, "ab")
+        except OSError as e:
+            self._file, self.error = None, f"{path}: {e.strerror}"
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self.error = f"{self.path}: {e.strerror} (transcript cut here)"
+            self.close()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except OSError as e:
+                self.error = f"{self.path}: {e.strerror} (transcript cut here)"
+                self.close()
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as e:
+                self.error = f"{self.path}: {e.strerror} (transcript cut here)"
+
+
 class AgentSession(GuestChannel):
     """The serial command channel (ttyS1 and its agent): commands, file transfer, the agent's release string."""
 
     def __init__(self, sock: socket.socket, transcript: Path | None = None,
                  default_timeout: float = 60.0) -> None:
         self._sock = sock
-        self._log: BinaryIO | None = open(transcript, "ab") if transcript else None
+        self._log: Transcript | None = Transcript(transcript) if transcript else None
         self._child = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=default_timeout,
                                                 logfile=self._log)
         self._prefix = secrets.token_hex(3)

@@ -53,10 +53,25 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = data.encode() if isinstance(data, str) else data
-    with open(tmp, "wb") as f:
-        f.write(payload)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        # A full or read-only disk (or an interrupt) leaves no half-written temp file behind.
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rewrite_in_place(path: Path, data: str) -> None:
+    """Replace a file's content in its own blocks: the last resort when a disk is too
+    full for atomic_write's second copy (truncating first gives the blocks back)."""
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(data.encode())
         f.flush()
         os.fsync(f.fileno())
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)

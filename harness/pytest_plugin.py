@@ -29,14 +29,15 @@ import pytest
 
 from harness.diagnostics import REMOTE_CONFIG
 from harness.dmesg import Allow, describe, errors, load_allowlist, scan
-from harness.errors import HarnessError, KernelFault
+from harness.errors import RESULTS_UNWRITABLE, HarnessError, KernelFault
 from harness.guest import GuestChannel
 from harness.machine import Machine
 from harness.plan import LaunchPlan
 from harness.process import raise_on_sigterm
 from harness.qmp import QmpChannel
 from harness.results import TestRecord, write_records
-from harness.rundir import MachineRecord, MachineStatus, write_machine
+from harness.rundir import MachineRecord, MachineStatus
+from harness.rundir import write_machine as _write_machine
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,15 @@ class RunInfo:
         if self.plan is not None and self.coco != self.requested_coco:
             pytest.skip(f"{what}: emulated run - profile {self.plan.requested} fell back to "
                         f"{self.plan.profile.name} ({'; '.join(self.plan.reasons)})")
+
+
+def write_machine(run_dir: Path, record: MachineRecord) -> None:
+    """The VM's record; on a full or read-only results disk the run itself says so
+    (the Recorder stops the tests, the runner finishes meta.json), so not here."""
+    try:
+        _write_machine(run_dir, record)
+    except OSError:
+        pass
 
 
 # This pytest process's VM, for the report hook to ask whether it was killed from outside.
@@ -170,6 +180,8 @@ def machine(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Machi
                 (run_info.run_dir / f"dmesg{suffix}.txt").write_text(dmesg.stdout)
         except HarnessError as e:
             record.dmesg_error = str(e)
+        except OSError as e:  # a full or read-only results disk: the run says so at its end
+            record.dmesg_error = f"dmesg{suffix}.txt: {e.strerror}"
         finally:
             m.shutdown()
             record.status, record.exit_status = MachineStatus.STOPPED, m.exit_status
@@ -234,8 +246,11 @@ def _dmesg_window(request: pytest.FixtureRequest, run_info: RunInfo,
     hits = scan(lines, allow=allow)
     if lines:
         folder = run_info.run_dir / "tests" / TestRecord(request.node.nodeid).dirname
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "dmesg.txt").write_text("\n".join(lines) + "\n")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "dmesg.txt").write_text("\n".join(lines) + "\n")
+        except OSError:
+            pass  # a full results disk: the Recorder stops the run and the runner says why
     if hits:
         request.node.user_properties.append(("dmesg_error_ids", sorted({h.error_id for h in hits})))
     bad = errors(hits)
@@ -340,8 +355,13 @@ class Recorder:
             rec.message = f"{infra}: {_message(report)}" if infra else _message(report)
             rec.details = str(report.longreprtext or "") if status != "skipped" else ""
         if report.when == "teardown":
-            self._write_test(rec, report)
-            write_records(self.run_dir, [self.records[n] for n in self._order])
+            try:
+                self._write_test(rec, report)
+                write_records(self.run_dir, [self.records[n] for n in self._order])
+            except OSError as e:
+                # A full or read-only results disk: nothing more can be recorded, so
+                # running more tests is pointless; the VMs stop as the session ends.
+                pytest.exit(f"results directory {self.run_dir}: {e.strerror}", returncode=RESULTS_UNWRITABLE)
 
     def _write_test(self, rec: TestRecord, report: pytest.TestReport) -> None:
         folder = self.run_dir / "tests" / rec.dirname

@@ -12,6 +12,7 @@ tested with fakes in seconds; the defaults are the real probe and pytest child.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -21,28 +22,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
-from harness.errors import EXIT_BAD_INPUT, BadInput, InfraError, Terminated
+from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
-from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
+from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel, rewrite_in_place
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
 from harness.process import SOCK_PREFIX, die_with_parent, kill_machines, stop_group, sweep_stale
 from harness.profiles import load_profile
 from harness.results import read_records, write_records
 from harness.rundir import (
+    Failure,
     FileRecord,
     Invocation,
     KernelRecord,
     ProfileRecord,
     QemuRecord,
     RunRecord,
+    RunStatus,
     index_run,
     new_run_id,
     read_machines,
@@ -142,6 +145,42 @@ def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan,
     return plan, caps
 
 
+@contextlib.contextmanager
+def _creating(run_dir: Path) -> Iterator[None]:
+    """The run directory and its first files, or InfraError (exit 3) naming the results
+    directory and nothing left of the run (a full or read-only disk)."""
+    try:
+        run_dir.mkdir(parents=True)
+        yield
+    except OSError as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise InfraError(f"results directory {run_dir.parent}: {e.strerror}") from None
+
+
+def _write_final(run_dir: Path, record: RunRecord) -> bool:
+    """meta.json with the run's final status. On a full disk, free what the harness
+    wrote for itself and write it in place; if not even that works, say so on
+    stderr with the path (False)."""
+    try:
+        write_run(run_dir, record)
+        return True
+    except OSError as first:
+        for tmp in run_dir.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if record.status is not RunStatus.INTERRUPTED:
+            record.status, record.exit_code = RunStatus.ERROR, EXIT_INFRA
+            record.failure = Failure(f"results directory {run_dir.parent}: {first.strerror}", kind="results-full")
+        try:
+            rewrite_in_place(run_dir / "meta.json", json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
+            print(f"harness: results directory {run_dir.parent}: {first.strerror}: meta.json finished in place",
+                  file=sys.stderr)
+            return True
+        except OSError as e:
+            print(f"harness: results directory {run_dir.parent}: {e.strerror}: {run_dir / 'meta.json'} could not "
+                  "be finished (its status still says incomplete)", file=sys.stderr)
+            return False
+
+
 def _results_root(req: RunRequest) -> Path:
     """--results, which must be (or become) a directory; BadInput naming it otherwise."""
     root = req.results.resolve()
@@ -203,12 +242,12 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
     sweep_stale()
     run_id = new_run_id(plan.kernel.release, plan.profile.name)
     run_dir = _results_root(req) / run_id
-    run_dir.mkdir(parents=True)
     record = _start_record(run_id, plan, caps, req, argv)
-    write_run(run_dir, record)
-    atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
-    atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
-    write_records(run_dir, [])
+    with _creating(run_dir):
+        write_run(run_dir, record)
+        atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
+        atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
+        write_records(run_dir, [])
     print(f"run {run_id}: kernel {plan.kernel.release}, profile {plan.profile.name}, "
           f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
     if plan.fell_back:
@@ -260,15 +299,15 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
     release = resolve_kernel(req.kernel).release if req.kernel else None
     run_id = new_run_id(release or "unknown", "remote")
     run_dir = _results_root(req) / run_id
-    run_dir.mkdir(parents=True)
     info = {"url": target.url, "identity": str(req.identity.resolve()),
             "known_hosts": str(req.known_hosts.resolve()) if req.known_hosts else None, "release": release}
-    atomic_write(run_dir / "target.json", json.dumps(info, indent=1) + "\n")
     record = RunRecord(run_id=run_id, started=timestamp(), command=["harness", *argv], target=target.url,
                        kernel=KernelRecord(release=release, spec=req.kernel),
                        profile=ProfileRecord("remote", "remote"), invocation=req.invocation())
-    write_run(run_dir, record)
-    write_records(run_dir, [])
+    with _creating(run_dir):
+        atomic_write(run_dir / "target.json", json.dumps(info, indent=1) + "\n")
+        write_run(run_dir, record)
+        write_records(run_dir, [])
     print(f"run {run_id}: remote target {target.url}", flush=True)
     return _execute(req, run_dir, record, start, launch)
 
@@ -297,14 +336,15 @@ def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, la
                                              f"{record.target}: /proc/config.gz or /boot/config-*")
     finish(record, verdict, records, read_machines(run_dir),
            tests=time.monotonic() - tests_start, total=time.monotonic() - start)
-    write_run(run_dir, record)
+    if not _write_final(run_dir, record):
+        return EXIT_INFRA
     print_summary(run_dir, record, records)
     try:
         # The index serves `harness compare --last N --test NAME`; a run never fails over it.
         index_run(run_dir)
     except Exception as e:  # noqa: BLE001
         print(f"warning: run not added to {run_dir.parent}/index.sqlite: {e}", file=sys.stderr)
-    return verdict.exit_code
+    return record.exit_code if record.exit_code is not None else verdict.exit_code
 
 
 def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.diagnostics import Diagnostics
-from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK
+from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, RESULTS_UNWRITABLE
 from harness.results import TestRecord, counts, exit_code_for, summary_table
 from harness.rundir import (
     Failure,
@@ -30,6 +30,7 @@ from harness.rundir import (
 # What a launcher returns when the guest tests overran --timeout (it has stopped them);
 # otherwise it returns pytest's exit status.
 TIMED_OUT = -1
+
 # pytest's own exit statuses (pytest.ExitCode), as a child process returns them.
 _PYTEST_INTERRUPTED, _PYTEST_USAGE_ERROR, _PYTEST_NO_TESTS = 2, 4, 5
 
@@ -39,6 +40,7 @@ class Verdict:
     status: RunStatus
     exit_code: int
     note: str = ""     # why, when the tests' own records do not say it
+    kind: str | None = None
 
     @classmethod
     def infra(cls, note: str) -> Verdict:
@@ -55,6 +57,9 @@ class Verdict:
 
 def judge(rc: int, records: list[TestRecord], inv: Invocation) -> Verdict:
     """The verdict on a launcher's return code and the test records it left."""
+    if rc == RESULTS_UNWRITABLE:
+        return Verdict(RunStatus.ERROR, EXIT_INFRA, "the results directory could not be written (full or "
+                       "read-only): the guest tests were stopped", kind="results-full")
     if rc == TIMED_OUT:
         return Verdict.infra(f"internal timeout: guest tests exceeded --timeout {inv.timeout:.0f} s")
     if rc == _PYTEST_NO_TESTS:
@@ -91,6 +96,8 @@ def finish(record: RunRecord, verdict: Verdict, records: list[TestRecord], machi
     record.timings = Timings(boots[0] if boots else None, round(tests, 3), round(total, 3))
     record.machines, record.tests = machines, counts(records)
     record.failure = failure(verdict.note, records, machines)
+    if verdict.kind is not None and record.failure is not None:
+        record.failure.kind = verdict.kind
 
 
 def print_diagnostics(diagnostics: Diagnostics | None) -> None:

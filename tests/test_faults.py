@@ -5,13 +5,16 @@ leaves no QEMU, socket or temp file behind (the `cli` fixture checks those).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from junitparser import JUnitXml
 
 from harness.process import processes
@@ -60,3 +63,56 @@ def test_qemu_killed_from_outside_is_infrastructure_not_a_kernel_failure(cli: Cl
     cases = [c for suite in JUnitXml.fromfile(str(run_dir / "junit.xml")) for c in suite]
     assert len(cases) == len(records)
     assert "QEMU died of signal SIGKILL" in out
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, *options: str) -> Iterator[Path]:
+    """A small tmpfs of our own: a results disk that really fills up (root only)."""
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(("mode=0755", *options)), "tmpfs", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full results disk: {proc.stderr.strip()} (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def _no_temp_files(root: Path) -> None:
+    left = [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    assert not left, f"temp files left: {left}"
+
+
+def test_a_read_only_results_disk_is_one_line_exit_3_and_nothing_left(cli: Cli) -> None:
+    with _tmpfs(cli.tmp.parent / "ro", "size=1m", "ro") as ro:
+        proc = cli("run", "--results", str(ro), "-k", "userspace")
+        assert proc.returncode == 3, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == f"harness: results directory {ro}: Read-only file system"
+
+
+def test_a_results_disk_that_fills_up_during_the_run_finishes_meta_json(cli: Cli) -> None:
+    # Room for the run's first files, not for a whole run's console logs and records.
+    with _tmpfs(cli.tmp.parent / "full", "size=96k") as full:
+        proc = cli("run", "--results", str(full), "-k", "test_boot or test_dma", timeout=600)
+        assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "Task was destroyed" not in proc.stderr
+        (run_dir,) = [p for p in full.iterdir() if (p / "meta.json").exists()]
+        m = meta(run_dir)
+        assert m["status"] == "error" and m["exit_code"] == 3, m
+        assert m["failure"]["kind"] == "results-full", m["failure"]
+        JUnitXml.fromfile(str(run_dir / "junit.xml"))  # well-formed: the last complete write
+        _no_temp_files(full)
+
+
+def test_a_results_disk_full_before_the_run_is_one_line_exit_3_and_nothing_left(cli: Cli) -> None:
+    with _tmpfs(cli.tmp.parent / "full", "size=64k") as full:
+        with open(full / "filler", "wb") as f:
+            with contextlib.suppress(OSError):
+                f.write(b"\0" * (1 << 20))
+        proc = cli("run", "--results", str(full), "-k", "userspace")
+        assert proc.returncode == 3, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == f"harness: results directory {full}: No space left on device"
+        assert sorted(p.name for p in full.iterdir()) == ["filler"]
