@@ -14,10 +14,11 @@ named phases:
                               the private directory
 
 Use it as a context manager: shutdown and cleanup always run. The parts each
-own one thing: `SocketDir` the directory and its listeners, `QemuProcess` the
-process and its output, `harness.console.Console` the console reader thread,
-the channel factory (`harness.ssh`) the guest channel's set-up; `boot_error`
-and `boot_timeout` are the boot verdicts.
+own one thing: `SocketDir` the directory, its listeners and scratch images,
+`QemuProcess` the process and its output, `harness.console.Console` the console
+reader thread, the channel factory (`harness.ssh`) the guest channel's set-up;
+`qmp_handshake` ends the start-up, `wait_for_agent` is the boot wait, and
+`boot_error` and `boot_timeout` are its verdicts.
 """
 
 from __future__ import annotations
@@ -38,18 +39,12 @@ from harness.errors import BootFailure, GuestUnreachable, HarnessError, InfraErr
 from harness.guest import AgentSession, ChannelFactory, GuestChannel
 from harness.plan import LaunchPlan
 from harness.process import die_with_parent, stop_group
+from harness.profiles import size_mib
 from harness.qmp import QmpChannel
 from harness.ssh import channel_factory
 
 _TAIL = 40
 _START_DEADLINE = 10.0   # from QEMU's start to its last connection and the QMP handshake
-
-
-def scratch_bytes(size: str) -> int:
-    """`64M`, `1G` or a number of MiB, in bytes."""
-    text = size.strip().upper().removesuffix("B")
-    scale = {"M": 1 << 20, "G": 1 << 30}.get(text[-1:])
-    return int(text[:-1]) * scale if scale else int(text) << 20
 
 
 class SocketDir:
@@ -69,10 +64,12 @@ class SocketDir:
         self.path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
         self._listeners: dict[str, socket.socket] = {}
 
-    def listen(self, name: str) -> None:
-        sock = self._listeners[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path / name))
-        sock.listen(1)
+    def listen(self, *names: str) -> None:
+        """Listen on a unix socket of each name in the directory."""
+        for name in names:
+            sock = self._listeners[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(self.path / name))
+            sock.listen(1)
 
     def accept(self, name: str, what: str, deadline: float, qemu: QemuProcess) -> socket.socket:
         """QEMU's connection to `name`. Raises QemuStartError once QEMU exited or the deadline passed."""
@@ -87,10 +84,12 @@ class SocketDir:
             return conn
         raise qemu.start_error(f"QEMU did not connect its {what} within {_START_DEADLINE:.0f} s")
 
-    def scratch_disk(self, node: str, size: str) -> None:
-        """An empty (sparse) disk image `node`.img for the profile's scratch drives."""
-        with open(self.path / f"{node}.img", "wb") as f:
-            f.truncate(scratch_bytes(size))
+    def scratch_disks(self, specs: tuple[str, ...]) -> None:
+        """An empty (sparse) disk image `<node>`.img for each of the profile's `<node>:<size>` scratch drives."""
+        for spec in specs:
+            node, _, size = spec.partition(":")
+            with open(self.path / f"{node}.img", "wb") as f:
+                f.truncate(size_mib(size, f"scratch disk {spec}") << 20)
 
     def remove(self) -> None:
         for sock in self._listeners.values():
@@ -173,6 +172,15 @@ class QemuProcess:
         except (OSError, IndexError):
             return None
         return "QEMU is stopped (SIGSTOP from outside the harness): the guest cannot run" if state in "Tt" else None
+
+
+def qmp_handshake(qmp: QmpChannel, qemu: QemuProcess, deadline: float) -> None:
+    """Accept QEMU's QMP connection and negotiate; QemuStartError if that fails by `deadline`."""
+    try:
+        qmp.accept(timeout=max(0.1, deadline - time.monotonic()))
+    except Exception:  # noqa: BLE001 - qemu.qmp raises ConnectError, EOFError, timeouts...
+        qemu.wait(1.0)
+        raise qemu.start_error("QEMU did not complete the QMP handshake") from None
 
 
 def wait_for_agent(agent: AgentSession, console: Console, qemu: QemuProcess, deadline: float,
@@ -262,8 +270,7 @@ class Machine:
         self.launch()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.shutdown()
 
     # -- launch --------------------------------------------------------------------
@@ -286,13 +293,10 @@ class Machine:
     def _pre_launch(self) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._sockets = sockets = SocketDir(self.name, self._sock_parent)
-        sockets.listen("console.sock")
-        sockets.listen("channel.sock")
+        sockets.listen("console.sock", "channel.sock")
         self.qmp = QmpChannel(self.name)
         self.qmp.start_server(str(sockets.path / "qmp.sock"))
-        for disk in self.plan.profile.scratch_disks:
-            node, _, size = disk.partition(":")
-            sockets.scratch_disk(node, size)
+        sockets.scratch_disks(self.plan.profile.scratch_disks)
         self.channels = channel_factory(self.plan.channel, sockets.path)
         plan = self.channels.prepare(self.plan)
         self.argv = plan.argv(sockets.path, self.name, self.channels.ssh_port)
@@ -312,11 +316,7 @@ class Machine:
         channel = self._sockets.accept("channel.sock", "command channel", deadline, self.qemu)
         self.agent = AgentSession(channel, self.logdir / f"channel-{self.name}.log",
                                   default_timeout=self.plan.profile.timeouts.command)
-        try:
-            self.qmp.accept(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - qemu.qmp raises ConnectError, EOFError, timeouts...
-            self.qemu.wait(1.0)
-            raise self.qemu.start_error("QEMU did not complete the QMP handshake") from None
+        qmp_handshake(self.qmp, self.qemu, deadline)
         self.guest = self.agent
 
     def qemu_output(self) -> str:
@@ -367,8 +367,7 @@ class Machine:
             try:
                 self.qmp.execute("quit", timeout=min(3.0, budget))
             except Exception as e:  # noqa: BLE001 - whatever failed, the hard path follows
-                self.shutdown_notes.append(f"QMP quit failed ({type(e).__name__}: {e}); "
-                                           f"stopping QEMU with signals")
+                self.shutdown_notes.append(f"QMP quit failed ({type(e).__name__}: {e}); stopping QEMU with signals")
         return qemu.wait(budget)
 
     def _hard_shutdown(self, qemu: QemuProcess) -> None:
@@ -379,11 +378,9 @@ class Machine:
         if self.qemu is not None:
             # An interrupted shutdown (a second signal) still leaves no QEMU behind.
             self.qemu.stop(term_wait=None)
-        for session in (self.guest, self.agent):
-            if session is not None:
-                session.close()
-        if self.console is not None:
-            self.console.close()
+        for part in (self.guest, self.agent, self.console):
+            if part is not None:
+                part.close()
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None

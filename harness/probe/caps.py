@@ -1,0 +1,129 @@
+"""HostCaps: the probed host as one record, and `probe_host`, which fills it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from harness.probe.facts import Fact
+from harness.probe.firmware import find_firmware
+from harness.probe.host import (
+    host_dmesg,
+    iommu_fact,
+    module_flag,
+    read_cbitpos,
+    sev_fact,
+    vfio_pci_fact,
+    with_dmesg,
+)
+from harness.probe.kvm import probe_kvm
+from harness.probe.qemu import (
+    QEMU_PROPERTY_OBJECTS,
+    find_qemu,
+    qemu_object_properties,
+    qemu_objects,
+    qemu_origin,
+    qemu_version,
+    qemu_vfio_iommufd,
+    qemu_vfio_tio,
+)
+from harness.probe.tsm import PciTsmState, read_pci_tsm
+
+
+@dataclass
+class HostCaps:
+    kvm: Fact
+    qemu: Fact
+    qemu_version: Fact
+    qemu_objects: Fact
+    sev: Fact
+    sev_es: Fact
+    sev_snp: Fact
+    tdx: Fact
+    iommu: Fact
+    vfio_pci: Fact
+    vfio_tio: Fact = Fact(None, "not probed")
+    vfio_iommufd: Fact = Fact(None, "not probed")
+    cbitpos: Fact = Fact(None, "not probed")
+    firmware: dict[str, Fact] = field(default_factory=dict)
+    # Per object type: its properties as a comma-separated list (QMP qom-list-properties).
+    qemu_properties: dict[str, Fact] = field(default_factory=dict)
+    pci_tsm: PciTsmState = field(default_factory=lambda: PciTsmState((), (), "not probed"))
+
+    def qemu_has_property(self, qom_type: str, prop: str) -> tuple[bool, str]:
+        """Whether the probed QEMU's `qom_type` object takes `prop`, and the evidence."""
+        fact = self.qemu_properties.get(qom_type)
+        where = f"QEMU {self.qemu_version.value} ({self.qemu.value})"
+        if fact is None or fact.value is None:
+            return False, f"{where} has no {qom_type} object"
+        if prop in str(fact.value).split(","):
+            return True, f"{where} {qom_type} has {prop}"
+        return False, f"{where} {qom_type} has no property {prop!r}"
+
+    @property
+    def kvm_usable(self) -> bool:
+        return self.kvm.value is True
+
+    def check(self, need: str) -> tuple[bool, str]:
+        """Whether this host has one capability a profile needs, and why (the evidence)."""
+        if need.startswith("qemu:"):
+            if need == "qemu:vfio-tio":
+                fact = self.vfio_tio
+                return bool(fact.value), f"vfio-pci TIO property: {fact.evidence}"
+            if need == "qemu:vfio-iommufd":
+                fact = self.vfio_iommufd
+                return bool(fact.value), f"vfio-pci iommufd property: {fact.evidence}"
+            obj = need.split(":", 1)[1]
+            known = str(self.qemu_objects.value or "").split(",")
+            if obj in known:
+                return True, f"QEMU {self.qemu_version.value} has {obj}"
+            return False, f"QEMU {self.qemu_version.value} lacks {obj} ({self.qemu_objects.evidence})"
+        fact = {"kvm": self.kvm, "sev": self.sev, "sev_es": self.sev_es, "sev_snp": self.sev_snp,
+                "tdx": self.tdx, "iommu": self.iommu, "vfio_pci": self.vfio_pci}[need]
+        if need == "kvm":
+            return self.kvm_usable, f"kvm {fact.evidence}"
+        return bool(fact.value), f"{need}: {fact.evidence}"
+
+    def firmware_path(self, name: str) -> tuple[str | None, str]:
+        """Resolve a firmware name (ovmf, ovmf-amdsev, tdvf) or a path."""
+        if "/" in name:
+            return (name, "given") if Path(name).is_file() else (None, f"firmware {name}: no such file")
+        fact = self.firmware.get(name)
+        if fact is None:
+            return None, f"firmware {name!r}: unknown name; known: {', '.join(self.firmware)}"
+        return (str(fact.value), "found") if fact.value else (None, f"firmware {name}: {fact.evidence}")
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def probe_host(root: Path = Path("/"), use_cache: bool = True, qemu: str | None = None) -> HostCaps:
+    """Read the host's capabilities. Never raises for a missing capability.
+
+    `qemu` overrides the QEMU binary (`harness probe --qemu PATH`); otherwise
+    $HARNESS_QEMU, then qemu-system-x86_64 on PATH.
+    """
+    given = qemu
+    qemu = find_qemu(given)
+    version = qemu_version(qemu) if qemu else None
+    objects = qemu_objects(qemu) if qemu else []
+    log = host_dmesg(root)
+    return HostCaps(
+        kvm=probe_kvm(qemu, root, use_cache),
+        qemu=Fact(qemu, qemu_origin(given, qemu)),
+        qemu_version=Fact(version, f"{qemu} --version" if qemu else "no QEMU"),
+        qemu_objects=Fact(",".join(objects), f"{qemu} -object help" if qemu else "no QEMU"),
+        qemu_properties=qemu_object_properties(qemu, [t for t in QEMU_PROPERTY_OBJECTS if t in objects])
+        if qemu else {},
+        sev=with_dmesg(sev_fact(root), log, "sev_api"),
+        sev_es=module_flag(root, "kvm_amd", "sev_es"),
+        sev_snp=with_dmesg(module_flag(root, "kvm_amd", "sev_snp"), log, "snp_api"),
+        tdx=with_dmesg(module_flag(root, "kvm_intel", "tdx"), log, "tdx_module"),
+        iommu=iommu_fact(root),
+        vfio_pci=vfio_pci_fact(root),
+        vfio_tio=qemu_vfio_tio(qemu) if qemu else Fact(None, "no QEMU"),
+        vfio_iommufd=qemu_vfio_iommufd(qemu) if qemu else Fact(None, "no QEMU"),
+        cbitpos=read_cbitpos(root),
+        firmware=find_firmware(root),
+        pci_tsm=read_pci_tsm(root),
+    )
