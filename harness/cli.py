@@ -12,7 +12,6 @@ from typing import Any
 from harness import __version__
 from harness.errors import EXIT_BAD_INPUT, BadInput, HarnessError, Terminated
 from harness.paths import GUEST_TESTS_DIR
-from harness.probe import HostCaps
 from harness.process import raise_on_sigterm
 from harness.profiles import available
 
@@ -244,63 +243,9 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from harness.probe import check_qemu_binary, probe_host
+    from harness.probe_report import probe
 
-    if args.qemu:
-        check_qemu_binary(args.qemu, "harness probe: --qemu")
-    caps = probe_host(use_cache=not args.no_cache, qemu=args.qemu)
-    table = profile_table(caps, args.check_argv)
-    if args.json:
-        print(json.dumps({**caps.to_json(), "profiles": table}, indent=2))
-        return 0
-    rows = [("kvm", caps.kvm), ("qemu", caps.qemu), ("qemu version", caps.qemu_version),
-            ("qemu coco objects", caps.qemu_objects), ("sev", caps.sev), ("sev-es", caps.sev_es),
-            ("sev-snp", caps.sev_snp), ("tdx", caps.tdx), ("c-bit position", caps.cbitpos),
-            ("iommu", caps.iommu), ("vfio-pci", caps.vfio_pci), ("vfio-pci tio flag", caps.vfio_tio),
-            ("vfio-pci iommufd", caps.vfio_iommufd)]
-    rows += [(f"firmware {name}", fact) for name, fact in caps.firmware.items()]
-    rows += [(f"{obj} props", fact) for obj, fact in caps.qemu_properties.items()]
-    for name, fact in rows:
-        value = fact.value
-        if isinstance(value, str):
-            shown = value or "none"
-        elif isinstance(value, bool) or value is None:
-            shown = {True: "yes", False: "no", None: "-"}[value]
-        else:
-            shown = str(value)
-        if name == "kvm":
-            shown = fact.evidence
-        print(f"{name:20} {shown:34} {'' if name == 'kvm' else fact.evidence}".rstrip())
-    print(f"{'pci tsm':20} {caps.pci_tsm.summary()}")
-    print(f"\nguests here run under {'KVM' if caps.kvm_usable else 'TCG (software emulation)'}\n")
-    width = max(len(row["profile"]) for row in table)
-    for row in table:
-        verdict = row["verdict"] + (f" -> {row['effective']}" if row["verdict"] == "falls back" else "")
-        print(f"{row['profile']:{width}}  {verdict:30} {'; '.join(row['reasons'])}".rstrip())
-        if "qemu_check" in row:
-            print(f"{'':{width}}  qemu argv check: {row['qemu_check']}: {row['qemu_message']}")
-    return 0
-
-
-def profile_table(caps: HostCaps, check_argv: bool = False) -> list[dict[str, Any]]:
-    """Each profile: runs for real here / falls back to its twin / cannot run, and why."""
-    from harness.plan import choose_profile
-    from harness.qemu_check import check_profile_argv
-
-    rows: list[dict[str, Any]] = []
-    for name in available():
-        try:
-            choice = choose_profile(name, {}, caps)
-        except HarnessError as e:
-            rows.append({"profile": name, "verdict": "cannot run", "effective": name, "reasons": [str(e)]})
-            continue
-        row: dict[str, Any] = {"profile": name, "verdict": choice.verdict, "effective": choice.effective.name,
-                                  "reasons": list(choice.reasons)}
-        if check_argv:
-            verdict = check_profile_argv(choice.requested, caps)
-            row.update(qemu_check=verdict.verdict, qemu_message=verdict.message)
-        rows.append(row)
-    return rows
+    return probe(args.qemu, use_cache=not args.no_cache, check_argv=args.check_argv, as_json=args.json)
 
 
 def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> int:

@@ -43,7 +43,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run directory", ("results", "rundir", "verdict")),
     ("compare/report/export", ("compare", "kcidb")),
     # Orchestration may import anything.
-    ("orchestration", ("cli", "__main__", "runner", "nightly", "reproduce", "pytest_plugin")),
+    ("orchestration", ("cli", "__main__", "runner", "nightly", "reproduce", "pytest_plugin", "probe_report")),
 )
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 
