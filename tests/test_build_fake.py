@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,57 @@ def test_two_identical_builds_at_once_build_once(cli: Cli) -> None:
     assert sorted(r["cached"] for r in results) == [False, True]
     assert not list(Path(results[0]["artifact"]).parent.glob(".*")), "staging or old entries left behind"
     cached_trees_are_clean()
+
+
+def test_a_build_killed_half_way_does_not_poison_the_cache(cli: Cli) -> None:
+    """SIGKILL (no `finally` runs): no artifact is published, the next identical
+    build builds and publishes a complete one, and sweeps what the killed one left."""
+    argv = cli.argv("build", "--source", str(TREE), "--series", str(SERIES / "sample"), "--config", SAMPLE_CONFIG,
+                    "--json")
+    env = dict(cli.env(), FAKEKBUILD_SLOW="2")
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kernels = cache_dir() / "kernels"
+    deadline = time.monotonic() + 60
+    while not list(kernels.glob(".art-*/build.log")):
+        assert time.monotonic() < deadline and proc.poll() is None, "the build never started compiling"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait(10)
+    assert not [p for p in kernels.iterdir() if not p.name.startswith(".")], "a killed build published something"
+    # The killed make's compilers die with it or finish alone; the next build takes the lock when they are gone.
+    again = cli(*argv[3:], timeout=120)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)[0]
+    assert result["cached"] is False and bzimage_release(Path(result["image"])) == RELEASE
+    assert not list(kernels.glob(".*")), "the killed build's staging was not swept"
+    assert build(fake_spec(), progress=lambda _: None).cached
+    cached_trees_are_clean()
+
+
+def test_two_different_builds_of_one_source_at_once_take_turns(cli: Cli, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(SERIES / "sample", other)
+    patch = other / "0002-harness_demo-name-the-series-when-loaded.patch"
+    patch.write_text(patch.read_text().replace("sample series v1", "sample series v2"))
+    procs = [subprocess.Popen(cli.argv("build", "--source", str(TREE), "--series", str(series), "--config",
+                                       SAMPLE_CONFIG, "--json"),
+                              env=dict(cli.env(), FAKEKBUILD_SLOW="0.3"), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for series in (SERIES / "sample", other)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    results = [json.loads(o[0])[0] for o in outs]
+    assert results[0]["artifact"] != results[1]["artifact"]
+    cached_trees_are_clean()
+    # Each artifact holds its own series: the shared tree was locked, not raced. The
+    # same builds made one after the other in a cache of their own give the same module.
+    ko = f"modules/lib/modules/{RELEASE}/kernel/drivers/misc/harness_demo.ko"
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "alone"))
+    for result, series in zip(results, (SERIES / "sample", other), strict=True):
+        alone = build(fake_spec(series), progress=lambda _: None)
+        assert (Path(result["artifact"]) / ko).read_bytes() == (alone.artifact / ko).read_bytes()
+    assert (Path(results[0]["artifact"]) / ko).read_bytes() != (Path(results[1]["artifact"]) / ko).read_bytes()
 
 
 # -- per-patch -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ never published (it would be a cache hit); its log is kept beside the cache.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -39,6 +40,7 @@ from harness.build.spec import BuildSpec
 from harness.errors import BadInput, InfraError, KernelFault
 from harness.hashing import file_sha256
 from harness.paths import cache_dir
+from harness.process import alive
 
 FORMAT = "build-v2"
 ARTIFACT_META = "harness-build.json"
@@ -114,7 +116,9 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
         tree = import_tree(source, root)
         config_key = hashlib.sha256(json.dumps([base_config, _options(fragments)]).encode()).hexdigest()[:12]
         artifact.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_staging(artifact.parent)
         staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
+        (staging / ".owner").write_text(str(os.getpid()))
         job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", progress)
         kept_log = artifact.parent / f"{key}-failed.log"
         try:
@@ -280,10 +284,26 @@ def _write_meta(staging: Path, source: Source, patches: list[Patch], fragments: 
     (staging / ARTIFACT_META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def _sweep_staging(kernels: Path) -> None:
+    """Remove what builds killed half-way (SIGKILL: no `finally` ran) left in the
+    cache: their staging directories and replaced entries. A live build's stay."""
+    for leftover in [*kernels.glob(".art-*"), *kernels.glob(".old-*")]:
+        try:
+            if alive(int((leftover / ".owner").read_text())):
+                continue
+        except (OSError, ValueError):
+            # No owner yet: a build that is starting right now, unless it is old.
+            with contextlib.suppress(OSError):
+                if leftover.name.startswith(".art-") and time.time() - leftover.stat().st_mtime < 60:
+                    continue
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _publish(staging: Path, artifact: Path) -> None:
     """Move the finished artifact into place in one rename: a reader (or a harness
     killed half-way) never sees a half-copied entry."""
     os.chmod(staging, 0o755)
+    (staging / ".owner").unlink(missing_ok=True)
     if artifact.exists():
         old = artifact.with_name(f".old-{artifact.name}-{os.getpid()}")
         artifact.rename(old)

@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,8 @@ class Tree:
     def compile(self, src: Path, obj: Path) -> bool:
         rel_c = src.relative_to(self.src)
         text = src.read_text()
+        # FAKEKBUILD_SLOW=S: each compile takes S seconds (a build to kill half-way).
+        time.sleep(float(os.environ.get("FAKEKBUILD_SLOW", "0")))
         ok = True
         for number, line in enumerate(text.splitlines(), 1):
             m = re.match(r"(\s*)#\s*(error|warning)\b\s*(.*)", line)
