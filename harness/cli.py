@@ -99,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_args(p)
     p.add_argument("--results", type=Path, default=Path("results"))
 
-    p = sub.add_parser("compare", help="compare runs across kernel versions (transitions, dmesg ids, deltas)")
-    p.add_argument("runs", nargs="*", type=Path, metavar="RESULT", help="results/<run-id> directories")
+    p = sub.add_parser("compare", help="compare runs across kernel builds (transitions, dmesg ids, deltas)")
+    p.add_argument("runs", nargs="*", type=Path, metavar="RESULT",
+                   help="results/<run-id> directories; the first one's build is the base")
     p.add_argument("--format", choices=("text", "json", "html"), default="text")
     p.add_argument("--output", type=Path, default=None, help="write the report here instead of stdout")
-    p.add_argument("--last", type=int, default=None, metavar="N", help="the last N runs from the run index")
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help="the last N runs from the run index, then their comparison (oldest build first)")
     p.add_argument("--test", default=None, help="with --last: this test's status in each run")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root holding index.sqlite")
 
@@ -363,24 +365,31 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare, load_run, render_history, render_html, render_text
-    from harness.rundir import history
+    from harness.compare import compare, load_run, render_text
+    from harness.compare_html import render_html
+    from harness.runindex import history, indexed_runs, render_history
 
+    rows: list[dict[str, Any]] | None = None
     if args.last is not None:
         if args.last < 1:
             raise BadInput("harness compare: --last takes a positive number")
         rows = history(args.results, args.last, args.test)
-        text = json.dumps(rows, indent=2) if args.format == "json" else render_history(rows, args.test)
+        runs = indexed_runs(rows)
+    elif not args.runs:
+        raise BadInput("harness compare: give RESULT directories, or --last N")
     else:
-        if not args.runs:
-            raise BadInput("harness compare: give RESULT directories, or --last N")
-        comparison = compare([load_run(p) for p in args.runs])
-        if args.format == "json":
-            text = json.dumps(comparison.to_json(), indent=2)
-        elif args.format == "html":
-            text = render_html(comparison)
-        else:
-            text = render_text(comparison)
+        runs = [load_run(p) for p in args.runs]
+    comparison = compare(runs) if runs else None
+    if args.format == "json":
+        data = comparison.to_json() if comparison else None
+        text = json.dumps(data if rows is None else {"runs": rows, "comparison": data}, indent=2)
+    elif args.format == "html":
+        if comparison is None:
+            raise BadInput(f"harness compare: no run directory of the last {args.last} runs is left to compare")
+        text = render_html(comparison)
+    else:
+        parts = [render_history(rows, args.test)] if rows is not None else []
+        text = "\n\n".join(parts + ([render_text(comparison)] if comparison else []))
     if args.output:
         args.output.write_text(text if text.endswith("\n") else text + "\n")
         print(f"wrote {args.output}")

@@ -43,12 +43,12 @@ from harness.rundir import (
     ProfileRecord,
     QemuRecord,
     RunRecord,
-    index_run,
     new_run_id,
     read_machines,
     timestamp,
     write_run,
 )
+from harness.runindex import index_run
 from harness.tools import build_tools
 from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
 

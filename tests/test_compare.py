@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.compare import compare, failing_since, load_run, render_html, render_text
+from harness.compare import compare, load_run, render_text
+from harness.compare_html import render_html
 from harness.results import TestRecord, write_records
-from harness.rundir import KernelRecord, ProfileRecord, RunRecord, RunStatus, Timings, history, index_run, write_run
+from harness.rundir import KernelRecord, ProfileRecord, RunRecord, RunStatus, Timings, write_run
+from harness.runindex import failing_since, history, index_run
 from tests.conftest import Cli
 
 
