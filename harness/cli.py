@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--known-hosts", type=Path, default=None,
                    help="known_hosts file pinning --target's host key (default: ~/.ssh/known_hosts)")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    p.add_argument("--label", default=None, metavar="NAME",
+                   help="name the kernel build for people: compare, the run index and nightly summaries show "
+                        "NAME instead of its release and series (recorded in meta.json; reproduce keeps it)")
 
     p = sub.add_parser("build", help="build a kernel: source + patch series + config fragments, cached")
     p.add_argument("specs", nargs="*", type=Path, metavar="SPEC.yaml",
@@ -269,12 +272,14 @@ def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> i
 
     if args.json and not args.dry_run:
         raise BadInput("harness run: --json needs --dry-run")
+    if args.label is not None and not args.label.strip():
+        raise BadInput("harness run: --label needs a name")
     req = RunRequest(kernel=args.kernel, profile=args.profile, append=args.append, results=args.results,
                      tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
                      timeout=args.timeout, boot_timeout=args.boot_timeout, dry_run=args.dry_run,
                      json=args.json, params=parse_params(args.param, args.params), strict=args.strict,
                      force=args.force, channel=args.channel, target=args.target, identity=args.identity,
-                     known_hosts=args.known_hosts)
+                     known_hosts=args.known_hosts, label=args.label.strip() if args.label else None)
     return run(req, argv)
 
 
