@@ -195,12 +195,15 @@ def _run_entry(entry: Entry, repeat: int, retries: int, night: Path, progress: P
             # The pool thread that forks outlives the child, as PDEATHSIG needs.
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=entry.timeout + 300,
                                   stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-            code = proc.returncode
+            code, out = proc.returncode, proc.stdout
             message = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [""])[-1]
         except subprocess.TimeoutExpired:
-            code, message = EXIT_INFRA, f"entry exceeded {entry.timeout + 300:.0f} s"
+            code, out, message = EXIT_INFRA, "", f"entry exceeded {entry.timeout + 300:.0f} s"
+        # Repeats of one entry run side by side in one directory: the run's first line names its own.
+        said = re.search(r"^run (\S+): ", out, re.M)
         new = sorted(p for p in target.iterdir() if p.name not in before and is_run_dir(p))
-        run_dir = str(new[-1]) if new else None
+        run_dir = (str(target / said.group(1)) if said and is_run_dir(target / said.group(1))
+                   else str(new[-1]) if new else None)
         if code != EXIT_INFRA:
             break
     status = {EXIT_OK: "passed", EXIT_KERNEL: "failed", EXIT_BAD_INPUT: "bad-input"}.get(code, "infra-error")
