@@ -259,16 +259,19 @@ def comparisons(outcomes: list[Outcome]) -> dict[str, Comparison]:
 
 
 def summary(outcomes: list[Outcome], compared: dict[str, Comparison] | None = None) -> str:
-    lines = [f"{'STATUS':12} {'EXIT':4} {'TRY':3} {'TIME':>7}  ENTRY"]
+    """The builds compared (what changed), then each run's status, then the counts (the last line)."""
+    lines = []
+    for setting, c in (compared or {}).items():
+        runs = ", ".join(f"{k} ({len(c.runs[k])} run{'s' if len(c.runs[k]) != 1 else ''})" for k in c.kernels)
+        lines.append(f"builds under {setting}, base first: {runs}")
+        lines += [f"  {line}" for line in findings(c)] or ["  the same verdict on every build"]
+        lines.append("")
+    lines.append(f"{'STATUS':12} {'EXIT':4} {'TRY':3} {'TIME':>7}  ENTRY")
     for o in outcomes:
         lines.append(f"{o.status.upper():12} {o.exit_code:4} {o.attempts:3} {o.seconds:6.1f}s  {o.entry}#{o.repeat}"
                      + (f"  {o.message[:90]}" if o.status != "passed" else ""))
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("passed", "failed", "infra-error", "bad-input")}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
-    for setting, c in (compared or {}).items():
-        runs = ", ".join(f"{k} ({len(c.runs[k])} run{'s' if len(c.runs[k]) != 1 else ''})" for k in c.kernels)
-        lines += ["", f"builds under {setting}, base first: {runs}"]
-        lines += [f"  {line}" for line in findings(c)] or ["  the same verdict on every build"]
     return "\n".join(lines)
 
 
