@@ -44,7 +44,7 @@ from typing import Any
 
 from junitparser import JUnitXml
 
-from harness.compare import Comparison, compare, findings, load_run
+from harness.compare import Comparison, RunSummary, compare, findings, load_run
 from harness.compare_html import render_html
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
 from harness.paths import atomic_write, load_yaml
@@ -245,17 +245,22 @@ def merge_junit(outcomes: list[Outcome], path: Path) -> None:
 def comparisons(outcomes: list[Outcome]) -> dict[str, Comparison]:
     """The night's builds compared, per setting (profile, then the kernel command line, QEMU
     arguments and parameters a run added, as its record says), in matrix order. Runs that broke
-    for infrastructure or bad input are left out: their errors say nothing of the kernel."""
-    settings: dict[str, list[Path]] = {}
+    for infrastructure or bad input are left out: their errors say nothing of the kernel. So is
+    a run whose record cannot be read (named on stderr): the report is written all the same."""
+    settings: dict[str, list[RunSummary]] = {}
     for o in outcomes:
         if o.run_dir is None or o.status not in ("passed", "failed") or not is_run_dir(Path(o.run_dir)):
             continue
-        inv = read_run(Path(o.run_dir)).invocation
+        try:
+            inv, run = read_run(Path(o.run_dir)).invocation, load_run(Path(o.run_dir))
+        except BadInput as e:
+            print(f"warning: {o.entry}#{o.repeat} left out of the comparison: {e}", file=sys.stderr)
+            continue
         extra = [f"--append {inv.append}"] if inv and inv.append else []
         extra += [f"--qemu-arg {a}" for a in inv.qemu_args] if inv else []
         extra += [f"--param {k}={v}" for k, v in sorted(inv.params.items())] if inv else []
-        settings.setdefault(" ".join([inv.profile if inv else o.profile, *extra]), []).append(Path(o.run_dir))
-    return {setting: compare([load_run(d) for d in dirs]) for setting, dirs in settings.items()}
+        settings.setdefault(" ".join([inv.profile if inv else o.profile, *extra]), []).append(run)
+    return {setting: compare(runs) for setting, runs in settings.items()}
 
 
 def summary(outcomes: list[Outcome], compared: dict[str, Comparison] | None = None) -> str:
