@@ -370,9 +370,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare, load_run, render_text
-    from harness.compare_html import render_html
-    from harness.runindex import history, indexed_runs, render_history
+    from harness.compare import compare, load_run
+    from harness.report import render
+    from harness.runindex import history, indexed_runs
 
     rows: list[dict[str, Any]] | None = None
     if args.last is not None:
@@ -384,17 +384,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise BadInput("harness compare: give RESULT directories, or --last N")
     else:
         runs = [load_run(p) for p in args.runs]
-    comparison = compare(runs) if runs else None
-    if args.format == "json":
-        data = comparison.to_json() if comparison else None
-        text = json.dumps(data if rows is None else {"runs": rows, "comparison": data}, indent=2)
-    elif args.format == "html":
-        if comparison is None:
-            raise BadInput(f"harness compare: no run directory of the last {args.last} runs is left to compare")
-        text = render_html(comparison)
-    else:
-        parts = [render_history(rows, args.test)] if rows is not None else []
-        text = "\n\n".join(parts + ([render_text(comparison)] if comparison else []))
+    text = render(args.format, compare(runs) if runs else None, rows, args.test)
     if args.output:
         args.output.write_text(text if text.endswith("\n") else text + "\n")
         print(f"wrote {args.output}")

@@ -45,10 +45,10 @@ from typing import Any
 from junitparser import JUnitXml
 
 from harness.compare import Comparison, RunSummary, compare, findings, load_run
-from harness.compare_html import render_html
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
 from harness.paths import atomic_write, load_yaml
 from harness.process import die_with_parent
+from harness.report import render_html
 from harness.results import write_junit_xml
 from harness.rundir import is_run_dir, read_run
 

@@ -10,9 +10,9 @@ import sqlite3
 from pathlib import Path
 
 from harness.compare import Cell, compare, load_run, render_text
-from harness.compare_html import render_html
 from harness.identity import BuildIdentity
 from harness.paths import SAMPLE_KERNEL
+from harness.report import render_html
 from harness.results import TestRecord, read_records, write_records
 from harness.rundir import KernelRecord, ProfileRecord, RunRecord, RunStatus, Timings, write_run
 from harness.runindex import failing_since, history, index_run

@@ -1,15 +1,35 @@
-"""`harness compare --format html`: one self-contained page (no scripts) with what
-changed first, the tests x builds table, dmesg error ids and SVG plots of the
-figures. Every build is named in full (a long name wraps, never cut), with its
-identity beside it.
+"""`harness compare`'s report in the format asked for: text and JSON (harness/compare.py
+makes them), or HTML: one self-contained page (no scripts) with what changed
+first, the tests x builds table, dmesg error ids and SVG plots of the figures.
+Every build is named in full (a long name wraps, never cut), with its identity
+beside it.
 """
 
 from __future__ import annotations
 
 import html
+import json
+from typing import Any
 
-from harness.compare import Comparison, described, unsaid_flaky, wrap
+from harness.compare import Comparison, described, render_text, unsaid_flaky, wrap
+from harness.errors import BadInput
 from harness.results import read_records
+from harness.runindex import render_history
+
+
+def render(fmt: str, comparison: Comparison | None, rows: list[dict[str, Any]] | None = None,
+           test: str | None = None) -> str:
+    """The comparison as `fmt` (text, json, html); with `rows` (compare --last), the run index's rows
+    before it. Raises BadInput for an HTML page of nothing."""
+    if fmt == "json":
+        data = comparison.to_json() if comparison else None
+        return json.dumps(data if rows is None else {"runs": rows, "comparison": data}, indent=2)
+    if fmt == "html":
+        if comparison is None:
+            raise BadInput("harness compare: none of the runs is left to compare")
+        return render_html(comparison)
+    parts = [render_history(rows, test)] if rows is not None else []
+    return "\n\n".join(parts + ([render_text(comparison)] if comparison else []))
 
 _CHAR_PX = 6.6      # an 11px sans-serif character, on average, for wrapping plot labels
 
