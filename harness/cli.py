@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--known-hosts", type=Path, default=None,
                    help="known_hosts file pinning --target's host key (default: ~/.ssh/known_hosts)")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    p.add_argument("--label", default=None, metavar="NAME",
+                   help="name the kernel build for people: compare, the run index and nightly summaries show "
+                        "NAME instead of its release and series (recorded in meta.json; reproduce keeps it)")
 
     p = sub.add_parser("build", help="build a kernel: source + patch series + config fragments, cached")
     p.add_argument("specs", nargs="*", type=Path, metavar="SPEC.yaml",
@@ -138,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_args(p)
     p.add_argument("--results", type=Path, default=Path("results"))
 
-    p = sub.add_parser("compare", help="compare runs across kernel versions (transitions, dmesg ids, deltas)")
-    p.add_argument("runs", nargs="*", type=Path, metavar="RESULT", help="results/<run-id> directories")
+    p = sub.add_parser("compare", help="compare runs across kernel builds (transitions, dmesg ids, deltas)")
+    p.add_argument("runs", nargs="*", type=Path, metavar="RESULT",
+                   help="results/<run-id> directories; the first one's build is the base")
     p.add_argument("--format", choices=("text", "json", "html"), default="text")
     p.add_argument("--output", type=Path, default=None, help="write the report here instead of stdout")
-    p.add_argument("--last", type=int, default=None, metavar="N", help="the last N runs from the run index")
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help="the last N runs from the run index, then their comparison (oldest build first)")
     p.add_argument("--test", default=None, help="with --last: this test's status in each run")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root holding index.sqlite")
 
@@ -253,12 +258,14 @@ def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> i
 
     if args.json and not args.dry_run:
         raise BadInput("harness run: --json needs --dry-run")
+    if args.label is not None and not args.label.strip():
+        raise BadInput("harness run: --label needs a name")
     req = RunRequest(kernel=args.kernel, profile=args.profile, append=args.append, results=args.results,
                      tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
                      timeout=args.timeout, boot_timeout=args.boot_timeout, dry_run=args.dry_run,
                      json=args.json, params=parse_params(args.param, args.params), strict=args.strict,
                      force=args.force, channel=args.channel, target=args.target, identity=args.identity,
-                     known_hosts=args.known_hosts)
+                     known_hosts=args.known_hosts, label=args.label.strip() if args.label else None)
     return run(req, argv)
 
 
@@ -352,24 +359,21 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare, load_run, render_history, render_html, render_text
-    from harness.rundir import history
+    from harness.compare import compare, load_run
+    from harness.report import render
+    from harness.runindex import history, indexed_runs
 
+    rows: list[dict[str, Any]] | None = None
     if args.last is not None:
         if args.last < 1:
             raise BadInput("harness compare: --last takes a positive number")
         rows = history(args.results, args.last, args.test)
-        text = json.dumps(rows, indent=2) if args.format == "json" else render_history(rows, args.test)
+        runs = indexed_runs(rows)
+    elif not args.runs:
+        raise BadInput("harness compare: give RESULT directories, or --last N")
     else:
-        if not args.runs:
-            raise BadInput("harness compare: give RESULT directories, or --last N")
-        comparison = compare([load_run(p) for p in args.runs])
-        if args.format == "json":
-            text = json.dumps(comparison.to_json(), indent=2)
-        elif args.format == "html":
-            text = render_html(comparison)
-        else:
-            text = render_text(comparison)
+        runs = [load_run(p) for p in args.runs]
+    text = render(args.format, compare(runs) if runs else None, rows, args.test)
     if args.output:
         write_output(args.output, text)
         print(f"wrote {args.output}")

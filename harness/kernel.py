@@ -19,6 +19,7 @@ from pathlib import Path
 from harness import process
 from harness.errors import BadInput, InfraError
 from harness.hashing import file_sha256 as file_sha256  # runner and cli import it from here
+from harness.identity import BuildIdentity, distro_version, fragment_names, series_name
 from harness.paths import cache_dir
 
 # Debian's current cloud kernel: the prebuilt kernel tests and benches boot
@@ -38,6 +39,12 @@ class Kernel:
     modules_dir: Path | None = None
     package: str | None = None
     series: tuple[str, ...] = ()
+    build: BuildIdentity | None = None
+
+    @property
+    def identity(self) -> BuildIdentity:
+        """Which build this is (see harness/identity.py): the image's hash unless resolved from a build."""
+        return self.build or BuildIdentity(f"image:{self.sha256}", self.release)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -48,11 +55,13 @@ class Kernel:
             "modules_dir": str(self.modules_dir) if self.modules_dir else None,
             "package": self.package,
             "series": list(self.series),
+            "build": self.identity.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Kernel:
         modules = data.get("modules_dir")
+        build = data.get("build")
         return cls(
             spec=str(data["spec"]),
             image=Path(str(data["image"])),
@@ -61,6 +70,7 @@ class Kernel:
             modules_dir=Path(str(modules)) if modules else None,
             package=str(data["package"]) if data.get("package") else None,
             series=tuple(str(s) for s in _as_list(data.get("series"))),
+            build=BuildIdentity.from_json(build) if isinstance(build, dict) else None,
         )
 
 
@@ -69,7 +79,12 @@ def _as_list(value: object) -> list[object]:
 
 
 def bzimage_release(path: Path) -> str:
-    """Read the release string from a bzImage's setup header.
+    """The release string of a bzImage (the first word of its version string). Raises BadInput."""
+    return bzimage_version(path).split()[0]
+
+
+def bzimage_version(path: Path) -> str:
+    """Read the version string from a bzImage's setup header.
 
     The header (at 0x1f1) carries the "HdrS" magic at 0x202 and, at 0x20e, a
     pointer (relative to 0x200) to the version string "6.1.0-56-cloud-amd64
@@ -91,9 +106,9 @@ def bzimage_release(path: Path) -> str:
         raise BadInput(f"kernel {path}: truncated bzImage ({size} bytes; its setup header says {needed})")
     ptr = int.from_bytes(head[0x20E:0x210], "little") + 0x200
     text = head[ptr:ptr + 256].split(b"\0", 1)[0].decode("ascii", "replace")
-    if not text:
+    if not text.strip():
         raise BadInput(f"kernel {path}: bzImage has no version string")
-    return text.split()[0]
+    return text
 
 
 def resolve_kernel(spec: str) -> Kernel:
@@ -115,6 +130,9 @@ def resolve_kernel(spec: str) -> Kernel:
         return _artifact_kernel(result.artifact, spec)
     if (path / "harness-build.json").is_file():
         return _artifact_kernel(path, spec)
+    if path.is_file() and (path.parent / "harness-build.json").is_file():
+        # An artifact's own image (what `harness reproduce` boots) is that build, not a bare image.
+        return _artifact_kernel(path.parent, spec)
     if path.is_dir():
         for candidate in (path / "arch/x86/boot/bzImage", path / "bzImage"):
             if candidate.is_file():
@@ -123,7 +141,8 @@ def resolve_kernel(spec: str) -> Kernel:
         else:
             raise BadInput(f"kernel {spec}: directory holds no bzImage")
     path = path.resolve()
-    release = bzimage_release(path)
+    version = bzimage_version(path)
+    release = version.split()[0]
     modules = None
     for guess in (path.parent / "modules" / "lib/modules" / release,
                   path.parent.parent / "lib/modules" / release,  # an unpacked Debian package
@@ -131,7 +150,9 @@ def resolve_kernel(spec: str) -> Kernel:
         if guess.is_dir():
             modules = guess
             break
-    return Kernel(spec=spec, image=path, release=release, sha256=file_sha256(path), modules_dir=modules)
+    sha256 = file_sha256(path)
+    return Kernel(spec=spec, image=path, release=release, sha256=sha256, modules_dir=modules,
+                  build=BuildIdentity(f"image:{sha256}", release, version=distro_version(version)))
 
 
 def _artifact_kernel(artifact: Path, spec: str) -> Kernel:
@@ -149,9 +170,15 @@ def _artifact_kernel(artifact: Path, spec: str) -> Kernel:
         raise BadInput(f"kernel {spec}: {image} no longer matches the hash its build recorded "
                        "(damaged artifact; `harness build` of its spec rebuilds it)")
     modules = artifact / "modules" / "lib/modules" / release
+    patches = meta.get("patches") or []
+    # The cache names an artifact by its key; a copy elsewhere is known by its image.
+    in_cache = artifact.resolve().parent == (cache_dir() / "kernels").resolve()
+    build = BuildIdentity(f"artifact:{artifact.resolve().name}" if in_cache else f"image:{sha256}", release,
+                          series=series_name([str(p.get("file", "")) for p in patches]), patches=len(patches),
+                          fragments=fragment_names([str(f) for f in meta.get("fragments") or []]))
     return Kernel(spec=spec, image=image, release=release, sha256=sha256,
                   modules_dir=modules if modules.is_dir() else None,
-                  series=tuple(p["subject"] for p in meta["patches"]))
+                  series=tuple(p["subject"] for p in patches), build=build)
 
 
 def _apt(args: list[str], what: str, cwd: str | None = None) -> str:
@@ -203,14 +230,15 @@ def _debian_kernel(package: str, spec: str) -> Kernel:
         raise InfraError(f"package {package}: unpacked tree has no lib/modules")
     release = releases[0]
     image = root / "boot" / f"vmlinuz-{release}"
-    bzimage_release(image)
+    sha256 = stamp.read_text().strip()
     return Kernel(
         spec=spec,
         image=image,
         release=release,
-        sha256=stamp.read_text().strip(),
+        sha256=sha256,
         modules_dir=root / "lib/modules" / release,
         package=package,
+        build=BuildIdentity(f"image:{sha256}", release, version=distro_version(bzimage_version(image))),
     )
 
 

@@ -2,7 +2,9 @@
 
 Matrix YAML:
 
-    kernels: [debian:linux-image-6.1.0-56-cloud-amd64, kernels/coco-sample.yaml]
+    kernels:                          # a kernel, or {kernel: K, label: NAME} to name its build
+      - debian:linux-image-6.1.0-56-cloud-amd64
+      - {kernel: kernels/coco-sample.yaml, label: sample}
     profiles: [emulated, snp]
     suites:
       boot: [-k, test_boot]           # name: pytest arguments
@@ -11,12 +13,18 @@ Matrix YAML:
     repeat: 1                         # runs per entry (flaky tests show as fail:runs)
     retries: 1                        # extra attempts for infrastructure errors (exit 3)
     entries:                          # optional explicit entries, beside the product
-      - {kernel: K, profile: P, suite: boot, append: "...", qemu_args: [...], params: {k: v}}
+      - {kernel: K, profile: P, suite: boot, append: "...", qemu_args: [...], params: {k: v}, label: NAME}
 
 Each entry is one `harness run` (a child process) writing <night>/<entry>/<run-id>/.
 The night's exit code: 1 if any kernel failed a test, else 3 if infrastructure
 broke, else 0. `--shard I/N` takes every N-th entry, deterministically, so N lab
 machines share a night; `--merge DIR...` joins their trees into one report.
+
+The report compares the night's builds: runs with the same profile, kernel
+command line, QEMU arguments and parameters are compared across their kernels'
+builds in matrix order (the first kernel is the base), repeats counted, so the
+summary names a regression of a patched build against its base even when both
+report one release, and keeps `flaky` for a build whose own runs disagree.
 """
 
 from __future__ import annotations
@@ -36,14 +44,16 @@ from typing import Any
 
 from junitparser import JUnitXml
 
+from harness.compare import Comparison, RunSummary, compare, findings, load_run
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
 from harness.paths import atomic_write, load_yaml
 from harness.process import die_with_parent
+from harness.report import render_html
 from harness.results import write_junit_xml
-from harness.rundir import is_run_dir
+from harness.rundir import is_run_dir, read_run
 
 _KEYS = {"kernels", "profiles", "suites", "timeout", "repeat", "retries", "entries"}
-_ENTRY_KEYS = {"kernel", "profile", "suite", "append", "qemu_args", "params", "timeout", "repeat", "name"}
+_ENTRY_KEYS = {"kernel", "profile", "suite", "append", "qemu_args", "params", "timeout", "repeat", "name", "label"}
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Entry:
     append: str = ""
     qemu_args: list[str] = field(default_factory=list)
     params: dict[str, str] = field(default_factory=dict)
+    label: str | None = None
 
 
 @dataclass
@@ -72,6 +83,7 @@ class Outcome:
     run_dir: str | None
     seconds: float
     message: str = ""
+    label: str | None = None
 
 
 def _slug(text: str) -> str:
@@ -95,26 +107,40 @@ def load_matrix(path: Path) -> tuple[list[Entry], int, int]:
     if repeat < 1 or retries < 0 or timeout <= 0:
         raise BadInput(f"{where}: repeat >= 1, retries >= 0 and timeout > 0")
     entries = []
-    for kernel, profile, suite in itertools.product(data.get("kernels") or [], data.get("profiles") or [], suites):
-        entries.append(Entry(f"{_slug(kernel)}--{profile}--{suite}", str(kernel), str(profile), suite,
-                             [str(a) for a in suites[suite]], timeout))
+    kernels = [_kernel(item, f"{where}: kernels[{i}]") for i, item in enumerate(data.get("kernels") or [])]
+    for (kernel, label), profile, suite in itertools.product(kernels, data.get("profiles") or [], suites):
+        entries.append(Entry(f"{_slug(label or kernel)}--{profile}--{suite}", kernel, str(profile), suite,
+                             [str(a) for a in suites[suite]], timeout, label=label))
     for i, raw in enumerate(data.get("entries") or []):
         if not isinstance(raw, dict) or not {"kernel", "profile"} <= set(raw) or set(raw) - _ENTRY_KEYS:
             raise BadInput(f"{where}: entries[{i}] needs kernel and profile; keys: {', '.join(sorted(_ENTRY_KEYS))}")
         suite = str(raw.get("suite", next(iter(suites))))
         if suite not in suites:
             raise BadInput(f"{where}: entries[{i}]: unknown suite {suite!r}; suites: {', '.join(suites)}")
-        name = raw.get("name") or f"{_slug(str(raw['kernel']))}--{raw['profile']}--{suite}--x{i + 1}"
-        entries.append(Entry(str(name), str(raw["kernel"]), str(raw["profile"]), suite,
+        kernel, label = _kernel({"kernel": raw["kernel"], "label": raw.get("label")}, f"{where}: entries[{i}]")
+        name = raw.get("name") or f"{_slug(label or kernel)}--{raw['profile']}--{suite}--x{i + 1}"
+        entries.append(Entry(str(name), kernel, str(raw["profile"]), suite,
                              [str(a) for a in suites[suite]], float(raw.get("timeout", timeout)),
                              str(raw.get("append", "")), [str(a) for a in raw.get("qemu_args", [])],
-                             {str(k): str(v) for k, v in (raw.get("params") or {}).items()}))
+                             {str(k): str(v) for k, v in (raw.get("params") or {}).items()}, label))
     if not entries:
         raise BadInput(f"{where}: no entries (give kernels and profiles, or entries)")
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise BadInput(f"{where}: two entries are named {next(n for n in names if names.count(n) > 1)!r}")
     return entries, repeat, retries
+
+
+def _kernel(item: object, where: str) -> tuple[str, str | None]:
+    """A matrix kernel: `K` or {kernel: K, label: NAME}. Raises BadInput."""
+    if isinstance(item, dict) and set(item) <= {"kernel", "label"} and item.get("kernel"):
+        label = item.get("label")
+        if label is not None and not str(label).strip():
+            raise BadInput(f"{where}: an empty label")
+        return str(item["kernel"]), str(label).strip() if label is not None else None
+    if isinstance(item, (str, int, float)) and str(item):
+        return str(item), None
+    raise BadInput(f"{where}: expected a kernel, or {{kernel: K, label: NAME}}")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -151,6 +177,8 @@ def _run_entry(entry: Entry, repeat: int, retries: int, night: Path, progress: P
     target.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "harness", "run", "--kernel", entry.kernel, "--profile", entry.profile,
             "--results", str(target), "--timeout", str(entry.timeout)]
+    if entry.label:
+        argv += ["--label", entry.label]
     if entry.append:
         argv += ["--append", entry.append]
     argv += [f"--qemu-arg={a}" for a in entry.qemu_args]
@@ -167,18 +195,21 @@ def _run_entry(entry: Entry, repeat: int, retries: int, night: Path, progress: P
             # The pool thread that forks outlives the child, as PDEATHSIG needs.
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=entry.timeout + 300,
                                   stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-            code = proc.returncode
+            code, out = proc.returncode, proc.stdout
             message = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [""])[-1]
         except subprocess.TimeoutExpired:
-            code, message = EXIT_INFRA, f"entry exceeded {entry.timeout + 300:.0f} s"
+            code, out, message = EXIT_INFRA, "", f"entry exceeded {entry.timeout + 300:.0f} s"
+        # Repeats of one entry run side by side in one directory: the run's first line names its own.
+        said = re.search(r"^run (\S+): ", out, re.M)
         new = sorted(p for p in target.iterdir() if p.name not in before and is_run_dir(p))
-        run_dir = str(new[-1]) if new else None
+        run_dir = (str(target / said.group(1)) if said and is_run_dir(target / said.group(1))
+                   else str(new[-1]) if new else None)
         if code != EXIT_INFRA:
             break
     status = {EXIT_OK: "passed", EXIT_KERNEL: "failed", EXIT_BAD_INPUT: "bad-input"}.get(code, "infra-error")
     progress.say(f"{entry.name} (repeat {repeat}): {status} (exit {code}, {attempts} attempt(s))", finished=True)
     return Outcome(entry.name, entry.kernel, entry.profile, entry.suite, repeat, code, status, attempts,
-                   run_dir, round(time.monotonic() - start, 1), message)
+                   run_dir, round(time.monotonic() - start, 1), message, entry.label)
 
 
 def night_exit_code(outcomes: list[Outcome]) -> int:
@@ -211,8 +242,36 @@ def merge_junit(outcomes: list[Outcome], path: Path) -> None:
     write_junit_xml(path, merged)
 
 
-def summary(outcomes: list[Outcome]) -> str:
-    lines = [f"{'STATUS':12} {'EXIT':4} {'TRY':3} {'TIME':>7}  ENTRY"]
+def comparisons(outcomes: list[Outcome]) -> dict[str, Comparison]:
+    """The night's builds compared, per setting (profile, then the kernel command line, QEMU
+    arguments and parameters a run added, as its record says), in matrix order. Runs that broke
+    for infrastructure or bad input are left out: their errors say nothing of the kernel. So is
+    a run whose record cannot be read (named on stderr): the report is written all the same."""
+    settings: dict[str, list[RunSummary]] = {}
+    for o in outcomes:
+        if o.run_dir is None or o.status not in ("passed", "failed") or not is_run_dir(Path(o.run_dir)):
+            continue
+        try:
+            inv, run = read_run(Path(o.run_dir)).invocation, load_run(Path(o.run_dir))
+        except BadInput as e:
+            print(f"warning: {o.entry}#{o.repeat} left out of the comparison: {e}", file=sys.stderr)
+            continue
+        extra = [f"--append {inv.append}"] if inv and inv.append else []
+        extra += [f"--qemu-arg {a}" for a in inv.qemu_args] if inv else []
+        extra += [f"--param {k}={v}" for k, v in sorted(inv.params.items())] if inv else []
+        settings.setdefault(" ".join([inv.profile if inv else o.profile, *extra]), []).append(run)
+    return {setting: compare(runs) for setting, runs in settings.items()}
+
+
+def summary(outcomes: list[Outcome], compared: dict[str, Comparison] | None = None) -> str:
+    """The builds compared (what changed), then each run's status, then the counts (the last line)."""
+    lines = []
+    for setting, c in (compared or {}).items():
+        runs = ", ".join(f"{k} ({len(c.runs[k])} run{'s' if len(c.runs[k]) != 1 else ''})" for k in c.kernels)
+        lines.append(f"builds under {setting}, base first: {runs}")
+        lines += [f"  {line}" for line in findings(c)] or ["  the same verdict on every build"]
+        lines.append("")
+    lines.append(f"{'STATUS':12} {'EXIT':4} {'TRY':3} {'TIME':>7}  ENTRY")
     for o in outcomes:
         lines.append(f"{o.status.upper():12} {o.exit_code:4} {o.attempts:3} {o.seconds:6.1f}s  {o.entry}#{o.repeat}"
                      + (f"  {o.message[:90]}" if o.status != "passed" else ""))
@@ -222,11 +281,20 @@ def summary(outcomes: list[Outcome]) -> str:
 
 
 def write_report(night: Path, outcomes: list[Outcome], extra: dict[str, Any]) -> int:
+    """nightly.json, junit.xml, summary.txt and compare-<setting>.html; returns the night's exit code."""
     code = night_exit_code(outcomes)
-    atomic_write(night / "nightly.json", json.dumps({**extra, "exit_code": code,
-                                                     "outcomes": [asdict(o) for o in outcomes]}, indent=1) + "\n")
+    compared = comparisons(outcomes)
+    atomic_write(night / "nightly.json", json.dumps({
+        **extra, "exit_code": code, "outcomes": [asdict(o) for o in outcomes],
+        "comparisons": {setting: c.to_json() for setting, c in compared.items()}}, indent=1) + "\n")
     merge_junit(outcomes, night / "junit.xml")
-    (night / "summary.txt").write_text(summary(outcomes) + "\n")
+    pages: set[str] = set()
+    for setting, c in compared.items():
+        page = f"compare-{_slug(setting)}"
+        page += f"-{len(pages) + 1}" if page in pages else ""
+        pages.add(page)
+        atomic_write(night / f"{page}.html", render_html(c))
+    (night / "summary.txt").write_text(summary(outcomes, compared) + "\n")
     return code
 
 
@@ -248,7 +316,7 @@ def run_nightly(matrix: Path, results: Path, shard_spec: str | None, jobs: int) 
         futures = [pool.submit(_run_entry, e, r, retries, night, progress) for e, r in work]
         outcomes = [f.result() for f in futures]
     code = write_report(night, outcomes, extra)
-    print(summary(outcomes))
+    print((night / "summary.txt").read_text(), end="")
     print(f"nightly exit {code}; junit {night / 'junit.xml'}")
     return night, code
 
@@ -266,7 +334,7 @@ def merge_nights(dirs: list[Path], out: Path) -> int:
             outcomes.append(outcome)
     out.mkdir(parents=True, exist_ok=True)
     code = write_report(out, outcomes, {"merged": [str(d.resolve()) for d in dirs]})
-    print(summary(outcomes))
+    print((out / "summary.txt").read_text(), end="")
     print(f"merged {len(dirs)} trees: exit {code}; junit {out / 'junit.xml'}")
     return code
 

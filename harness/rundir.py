@@ -9,16 +9,12 @@ are read back as the same types. The JSON keys are the documented layout: a
 field marked `_optional()` is left out while it is None, because its presence
 says something (the run ended, it failed, it ran on a remote target) or it
 does not apply to every kind of run.
-
-The run index (results/index.sqlite, every run adds itself) lives here too:
-it answers `harness compare --last N [--test NAME]`.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import sys
 import time
 import types
@@ -30,13 +26,12 @@ from typing import Any, Self, TypeVar, Union, get_args, get_origin, get_type_hin
 from harness import __version__
 from harness.diagnostics import Diagnostics
 from harness.errors import BadInput
+from harness.identity import BuildIdentity
 from harness.kernel import Kernel
 from harness.paths import atomic_write
-from harness.results import read_records
 
 META = "meta.json"
 MACHINES = "machines"
-INDEX = "index.sqlite"
 _OMIT = "omitted while None"
 
 
@@ -92,7 +87,7 @@ class Record:
 
 
 def _dump(value: Any) -> Any:
-    if isinstance(value, (Record, Diagnostics)):
+    if isinstance(value, (Record, Diagnostics, BuildIdentity)):
         return value.to_json()
     if isinstance(value, Enum):
         return value.value
@@ -126,6 +121,13 @@ def _load(hint: Any, value: object, where: str) -> Any:
         if not isinstance(value, dict):
             raise _wrong(where, "an object", value)
         return Diagnostics.from_json(value)
+    if hint is BuildIdentity:
+        if not isinstance(value, dict):
+            raise _wrong(where, "an object", value)
+        try:
+            return BuildIdentity.from_json(value)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"{where}: not a build identity: {e}") from None
     if issubclass(hint, Enum):
         try:
             return hint(value)
@@ -166,12 +168,28 @@ class KernelRecord(Record):
     series: list[str] | None = _optional()
     # What the kernel can report (WARN/BUG, KALLSYMS, sanitizers); absent when nobody looked.
     diagnostics: Diagnostics | None = _optional()
+    # Which build it is (harness/identity.py); absent in records of older harnesses and remote runs.
+    build: BuildIdentity | None = _optional()
+    label: str | None = _optional()       # --label: the build's name for people
 
     @classmethod
-    def of(cls, kernel: Kernel, diagnostics: Diagnostics) -> KernelRecord:
+    def of(cls, kernel: Kernel, diagnostics: Diagnostics, label: str | None = None) -> KernelRecord:
         return cls(release=kernel.release, spec=kernel.spec, image=str(kernel.image), sha256=kernel.sha256,
                    modules_dir=str(kernel.modules_dir) if kernel.modules_dir else None, package=kernel.package,
-                   series=list(kernel.series), diagnostics=diagnostics)
+                   series=list(kernel.series), diagnostics=diagnostics, build=kernel.identity, label=label)
+
+    def identity(self, target: str | None = None) -> BuildIdentity:
+        """The recorded build; for a record without one, the image's hash, else the release on `target`."""
+        if self.build is not None:
+            return self.build
+        release = self.release or "unknown"
+        if self.sha256:
+            return BuildIdentity(f"image:{self.sha256}", release)
+        return BuildIdentity(f"release:{release}" + (f"@{target}" if target else ""), release)
+
+    def name(self, target: str | None = None) -> str:
+        """The label, else the build's name (the release and its series)."""
+        return self.label or self.identity(target).name()
 
 
 @dataclass
@@ -211,6 +229,7 @@ class Invocation(Record):
     force: bool = False
     channel: str = "serial"
     target: str | None = _optional()
+    label: str | None = _optional()
 
 
 @dataclass
@@ -334,43 +353,4 @@ def read_machines(run_dir: Path) -> list[MachineRecord]:
             out.append(_read(path, MachineRecord))
         except BadInput as e:
             print(f"warning: {e}", file=sys.stderr)
-    return out
-
-
-# -- the run index ------------------------------------------------------------------
-
-
-def index_run(run_dir: Path) -> None:
-    """Add (or replace) one run in index.sqlite beside it. Raises BadInput for a bad run directory."""
-    record, tests = read_run(run_dir), read_records(run_dir)
-    boot = record.timings.boot if record.timings else None
-    with sqlite3.connect(run_dir.parent / INDEX, timeout=30) as db:
-        db.execute("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT, started TEXT, "
-                   "kernel TEXT, profile TEXT, status TEXT, boot REAL)")
-        db.execute("CREATE TABLE IF NOT EXISTS tests (run_id TEXT, nodeid TEXT, status TEXT, "
-                   "PRIMARY KEY (run_id, nodeid))")
-        db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (record.run_id, str(run_dir), record.started, str(record.kernel.release), record.profile.label,
-                    record.status.value, boot))
-        db.execute("DELETE FROM tests WHERE run_id = ?", (record.run_id,))
-        db.executemany("INSERT INTO tests VALUES (?, ?, ?)", [(record.run_id, t.nodeid, t.status) for t in tests])
-
-
-def history(results_root: Path, last: int, test: str | None) -> list[dict[str, Any]]:
-    """The last N indexed runs (newest first), optionally with one test's status in each."""
-    path = results_root / INDEX
-    if not path.exists():
-        raise BadInput(f"{path}: no run index yet (runs written with `harness run` add themselves)")
-    with sqlite3.connect(path, timeout=30) as db:
-        db.row_factory = sqlite3.Row
-        rows = db.execute("SELECT * FROM runs ORDER BY started DESC, run_id DESC LIMIT ?", (last,)).fetchall()
-        out = []
-        for row in rows:
-            item = dict(row)
-            if test is not None:
-                hit = db.execute("SELECT nodeid, status FROM tests WHERE run_id = ? AND (nodeid = ? OR nodeid "
-                                 "LIKE ?)", (row["run_id"], test, f"%::{test}")).fetchone()
-                item["test"] = hit["nodeid"] if hit else test
-                item["test_status"] = hit["status"] if hit else "absent"
-            out.append(item)
     return out

@@ -46,12 +46,12 @@ from harness.rundir import (
     QemuRecord,
     RunRecord,
     RunStatus,
-    index_run,
     new_run_id,
     read_machines,
     timestamp,
     write_run,
 )
+from harness.runindex import index_run
 from harness.tools import build_tools
 from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
 
@@ -86,13 +86,15 @@ class RunRequest:
     target: str | None = None
     identity: Path | None = None
     known_hosts: Path | None = None
+    label: str | None = None              # --label: the kernel build's name for people
 
     def invocation(self) -> Invocation:
         """What meta.json records of this request (see `from_invocation`)."""
         return Invocation(tests=str(self.tests), pytest_args=list(self.pytest_args), kernel=self.kernel,
                           profile=self.profile, append=self.append, qemu_args=list(self.qemu_args),
                           timeout=self.timeout, boot_timeout=self.boot_timeout, params=dict(self.params),
-                          strict=self.strict, force=self.force, channel=self.channel, target=self.target)
+                          strict=self.strict, force=self.force, channel=self.channel, target=self.target,
+                          label=self.label)
 
     @classmethod
     def from_invocation(cls, inv: Invocation, kernel: str, results: Path, pytest_args: list[str],
@@ -101,7 +103,7 @@ class RunRequest:
         return cls(kernel=kernel, profile=inv.profile, append=inv.append, results=results, tests=Path(inv.tests),
                    pytest_args=pytest_args, qemu_args=list(inv.qemu_args), timeout=inv.timeout,
                    boot_timeout=inv.boot_timeout, params=dict(inv.params), strict=inv.strict, force=inv.force,
-                   channel=inv.channel, reproduces=reproduces)
+                   channel=inv.channel, reproduces=reproduces, label=inv.label)
 
 
 def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan, HostCaps]:
@@ -248,7 +250,8 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
         atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
         atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
         write_records(run_dir, [])
-    print(f"run {run_id}: kernel {plan.kernel.release}, profile {plan.profile.name}, "
+    print(f"run {run_id}: kernel {req.label or plan.kernel.identity.name()} ({plan.kernel.identity.short_key}), "
+          f"profile {plan.profile.name}, "
           f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
     if plan.fell_back:
         print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
@@ -276,7 +279,7 @@ def _start_record(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest
         run_id=run_id, started=timestamp(), command=["harness", *argv], invocation=req.invocation(),
         reproduces=req.reproduces, host=caps.to_json(),
         qemu=QemuRecord(plan.qemu, str(version) if version is not None else None), firmware=_firmware(caps),
-        kernel=KernelRecord.of(plan.kernel, plan.diagnostics), series=list(plan.kernel.series),
+        kernel=KernelRecord.of(plan.kernel, plan.diagnostics, req.label), series=list(plan.kernel.series),
         initramfs=FileRecord(str(plan.initrd), plan.initrd_sha256),
         profile=ProfileRecord(plan.requested, plan.profile.name, list(plan.reasons), plan.accel, plan.accel_reason,
                               params=dict(plan.profile.params),
@@ -302,7 +305,7 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
     info = {"url": target.url, "identity": str(req.identity.resolve()),
             "known_hosts": str(req.known_hosts.resolve()) if req.known_hosts else None, "release": release}
     record = RunRecord(run_id=run_id, started=timestamp(), command=["harness", *argv], target=target.url,
-                       kernel=KernelRecord(release=release, spec=req.kernel),
+                       kernel=KernelRecord(release=release, spec=req.kernel, label=req.label),
                        profile=ProfileRecord("remote", "remote"), invocation=req.invocation())
     with _creating(run_dir):
         atomic_write(run_dir / "target.json", json.dumps(info, indent=1) + "\n")

@@ -116,7 +116,8 @@ def print_summary(run_dir: Path, record: RunRecord, records: list[TestRecord]) -
     prof = record.profile
     if record.target:
         print(f"remote target {record.target}")
-    print(f"kernel {record.kernel.release}  profile {prof.requested}"
+    build = record.kernel.identity(record.target)
+    print(f"kernel {record.kernel.name(record.target)} ({build.short_key})  profile {prof.requested}"
           + (f" -> {prof.effective} (fallback)" if prof.fell_back else "") + f"  accel {prof.accel}")
     for reason in prof.reasons:
         print(f"  {'because' if prof.fell_back else 'forced despite'}: {reason}")

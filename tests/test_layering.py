@@ -35,13 +35,13 @@ PACKAGE = REPO / "harness"
 # subpackage (harness/build/, harness/probe/, ...) is one module here.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("harness", "errors", "paths", "process", "hashing", "cpio")),
-    ("build", ("build", "kernel", "tools", "initramfs")),
+    ("build", ("build", "identity", "kernel", "tools", "initramfs")),
     ("checks", ("dmesg", "diagnostics")),
     ("plan", ("profiles", "probe", "plan")),
     ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug")),
     ("machine", ("console", "machine", "console_tty", "qemu_check")),
     ("run directory", ("results", "rundir", "verdict")),
-    ("compare/report/export", ("compare", "kcidb")),
+    ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.
     ("orchestration", ("cli", "__main__", "runner", "nightly", "reproduce", "pytest_plugin", "probe_report")),
 )

@@ -1,5 +1,6 @@
-"""`harness nightly`: the matrix, shards, merging, and a real night of 2 kernels x 2
-profiles with an entry whose kernel fails and one whose QEMU cannot start."""
+"""`harness nightly`: the matrix, shards, merging, a real night of 2 kernels x 2
+profiles with an entry whose kernel fails and one whose QEMU cannot start, and
+a real night of two builds of one release with repeats."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from junitparser import JUnitXml
 
 from harness.errors import BadInput
 from harness.nightly import Outcome, load_matrix, merge_nights, night_exit_code, parse_shard, shard, write_report
+from harness.paths import SAMPLE_KERNEL
 from tests.conftest import Cli
+from tests.same_release import DEBUGFS, PLANTED, SELECT, needs_source, planted_test, warn_spec
 
 KERNELS = ["debian:linux-image-6.1.0-56-cloud-amd64", "debian:linux-image-6.12-cloud-amd64"]
 MATRIX = {
@@ -61,6 +64,18 @@ def test_shards_partition_the_matrix_deterministically(tmp_path: Path) -> None:
         parse_shard("5/4")
 
 
+def test_a_kernel_is_named_by_a_label_in_the_matrix(tmp_path: Path) -> None:
+    matrix = {"kernels": [{"kernel": "kernels/coco-sample.yaml", "label": "base"}, "k2.yaml"],
+              "profiles": ["emulated"], "entries": [{"kernel": "k3", "profile": "emulated", "label": "patched"}]}
+    entries, _, _ = load_matrix(write(tmp_path, matrix))
+    assert [(e.name, e.kernel, e.label) for e in entries] == [
+        ("base--emulated--all", "kernels/coco-sample.yaml", "base"), ("k2.yaml--emulated--all", "k2.yaml", None),
+        ("patched--emulated--all--x1", "k3", "patched")]
+    for bad in ({"kernel": "k", "label": " "}, {"kernel": "k", "name": "x"}, {"label": "x"}):
+        with pytest.raises(BadInput, match=r"kernels\[0\]"):
+            load_matrix(write(tmp_path, {**matrix, "kernels": [bad]}))
+
+
 def test_exit_code_and_merge(tmp_path: Path) -> None:
     def outcome(name: str, code: int) -> Outcome:
         return Outcome(name, "k", "p", "s", 1, code, "x", 1, None, 1.0, "msg")
@@ -103,3 +118,26 @@ def test_a_killed_night_takes_its_runs_with_it(cli: Cli, tmp_path: Path) -> None
     again = cli("nightly", str(matrix), "--results", str(cli.results / "next"), timeout=600)
     assert again.returncode == 0, again.stdout[-2000:]
     assert not any(p.name.startswith("harness-") for p in cli.tmp.iterdir())
+
+
+@needs_source
+def test_a_night_of_two_builds_of_one_release(cli: Cli, tmp_path: Path) -> None:
+    # The sample build (named `base`) and the same with the warning, twice each: the planted
+    # test fails on the night's first run only, which is one of the base's two (they start first).
+    matrix = {"kernels": [{"kernel": str(SAMPLE_KERNEL), "label": "base"}, str(warn_spec(tmp_path))],
+              "profiles": ["emulated"], "suites": {"series": [str(planted_test(tmp_path / "planted")), *SELECT]},
+              "repeat": 2, "timeout": 900}
+    proc = cli("nightly", str(write(tmp_path, matrix)), "--results", str(cli.results), "--jobs", "2", timeout=3000)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    night = next(cli.results.glob("nightly-*"))
+    summary = (night / "summary.txt").read_text()
+    name = "6.12.117+ warn-on-read (4 patches)"
+    assert f"builds under emulated, base first: base (2 runs), {name} (2 runs)" in summary
+    assert f"  REGRESSION {DEBUGFS}: pass on base -> FAIL 2:2 on {name}" in summary
+    planted = next(line for line in summary.splitlines() if PLANTED in line)
+    assert planted.split()[0] == "FLAKY" and f"flaky 1:2 on base -> pass on {name}" in planted
+    assert not [line for line in summary.splitlines() if "FLAKY" in line and DEBUGFS in line]
+    assert summary in proc.stdout
+    compared = json.loads((night / "nightly.json").read_text())["comparisons"]["emulated"]
+    assert compared["kernels"] == ["base", name] and compared["builds"]["base"]["key"].startswith("artifact:")
+    assert "<h2>1 regression, 1 other change</h2>" in (night / "compare-emulated.html").read_text()

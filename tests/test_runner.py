@@ -29,7 +29,8 @@ from harness.errors import BadInput, InfraError, Terminated
 from harness.probe import Fact, HostCaps
 from harness.reproduce import request_for
 from harness.results import TestRecord, write_records
-from harness.rundir import MachineRecord, MachineStatus, RunStatus, history, read_run, write_machine
+from harness.rundir import MachineRecord, MachineStatus, RunStatus, read_run, write_machine
+from harness.runindex import history
 from harness.runner import RunRequest, run
 from harness.verdict import TIMED_OUT
 
