@@ -66,12 +66,3 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None
         tmp.unlink(missing_ok=True)
         raise
 
-
-def rewrite_in_place(path: Path, data: str) -> None:
-    """Replace a file's content in its own blocks: the last resort when a disk is too
-    full for atomic_write's second copy (truncating first gives the blocks back)."""
-    with open(path, "r+b") as f:
-        f.truncate(0)
-        f.write(data.encode())
-        f.flush()
-        os.fsync(f.fileno())

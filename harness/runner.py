@@ -31,7 +31,7 @@ from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
-from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel, rewrite_in_place
+from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
 from harness.process import SOCK_PREFIX, die_with_parent, kill_machines, stop_group, sweep_stale
@@ -147,40 +147,51 @@ def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan,
     return plan, caps
 
 
+# Room kept for the run's last words: meta.json's final version must fit even when
+# the console logs filled the results disk (a file of this size, freed at the end).
+_RESERVE = 64 * 1024
+
+
 @contextlib.contextmanager
 def _creating(run_dir: Path) -> Iterator[None]:
-    """The run directory and its first files, or InfraError (exit 3) naming the results
-    directory and nothing left of the run (a full or read-only disk)."""
+    """The run directory, its first files and the reserve for its final meta.json, or
+    InfraError (exit 3) naming the results directory and nothing left of the run."""
     try:
         run_dir.mkdir(parents=True)
         yield
+        with open(run_dir / ".reserve", "wb") as f:
+            f.write(bytes(_RESERVE))
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise InfraError(f"results directory {run_dir.parent}: {e.strerror}") from None
 
 
 def _write_final(run_dir: Path, record: RunRecord) -> bool:
-    """meta.json with the run's final status. On a full disk, free what the harness
-    wrote for itself and write it in place; if not even that works, say so on
-    stderr with the path (False)."""
+    """meta.json with the run's final status. On a full disk the reserve (and any
+    temp file) is freed first; if not even then, say so on stderr with the path."""
+    reserve = run_dir / ".reserve"
     try:
         write_run(run_dir, record)
         return True
     except OSError as first:
         for tmp in run_dir.rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        reserve.unlink(missing_ok=True)
         if record.status is not RunStatus.INTERRUPTED:
             record.status, record.exit_code = RunStatus.ERROR, EXIT_INFRA
             record.failure = Failure(f"results directory {run_dir.parent}: {first.strerror}", kind="results-full")
         try:
-            rewrite_in_place(run_dir / "meta.json", json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
-            print(f"harness: results directory {run_dir.parent}: {first.strerror}: meta.json finished in place",
-                  file=sys.stderr)
+            write_run(run_dir, record)
+            print(f"harness: results directory {run_dir.parent}: {first.strerror}", file=sys.stderr)
             return True
         except OSError as e:
             print(f"harness: results directory {run_dir.parent}: {e.strerror}: {run_dir / 'meta.json'} could not "
                   "be finished (its status still says incomplete)", file=sys.stderr)
             return False
+    finally:
+        reserve.unlink(missing_ok=True)
 
 
 def _results_root(req: RunRequest) -> Path:

@@ -94,7 +94,7 @@ def test_a_read_only_results_disk_is_one_line_exit_3_and_nothing_left(cli: Cli) 
 
 def test_a_results_disk_that_fills_up_during_the_run_finishes_meta_json(cli: Cli) -> None:
     # Room for the run's first files, not for a whole run's console logs and records.
-    with _tmpfs(cli.tmp.parent / "full", "size=96k") as full:
+    with _tmpfs(cli.tmp.parent / "full", "size=192k") as full:
         proc = cli("run", "--results", str(full), "-k", "test_boot or test_dma", timeout=600)
         assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and "Task was destroyed" not in proc.stderr
