@@ -90,6 +90,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text.replace("debian:", "")).strip("_")[:60]
 
 
+def _number(data: dict[str, Any], key: str, default: float, low: float, where: str,
+            inclusive: bool = False) -> float:
+    """data[key] as a number above `low` (or at least `low`), else BadInput naming the key."""
+    value = data.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (value < low if inclusive else value <= low):
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        raise BadInput(f"{where}: key {key!r} must be a number {bound}, not {value!r}")
+    return float(value)
+
+
+def _known_profile(name: object, where: str) -> None:
+    """An unknown profile is bad input before the night starts, not an error per entry."""
+    from harness.profiles import available
+
+    if not isinstance(name, str) or name not in available():
+        raise BadInput(f"{where}: unknown profile {name!r}; available: {', '.join(available())}")
+
+
 def load_matrix(path: Path) -> tuple[list[Entry], int, int]:
     """Entries (product first, then explicit ones), repeat, retries. Raises BadInput."""
     data = load_yaml(path, "matrix")
@@ -102,18 +121,23 @@ def load_matrix(path: Path) -> tuple[list[Entry], int, int]:
     suites = data.get("suites") or {"all": []}
     if not isinstance(suites, dict) or not all(isinstance(v, list) for v in suites.values()):
         raise BadInput(f"{where}: key 'suites' maps names to lists of pytest arguments")
-    timeout = float(data.get("timeout", 1800))
-    repeat, retries = int(data.get("repeat", 1)), int(data.get("retries", 1))
-    if repeat < 1 or retries < 0 or timeout <= 0:
-        raise BadInput(f"{where}: repeat >= 1, retries >= 0 and timeout > 0")
+    timeout = _number(data, "timeout", 1800.0, 0, where)
+    repeat = int(_number(data, "repeat", 1, 1, where, inclusive=True))
+    retries = int(_number(data, "retries", 1, 0, where, inclusive=True))
+    for key in ("kernels", "profiles", "entries"):
+        if not isinstance(data.get(key) or [], list):
+            raise BadInput(f"{where}: key {key!r} must be a list, not {data[key]!r}")
     entries = []
     kernels = [_kernel(item, f"{where}: kernels[{i}]") for i, item in enumerate(data.get("kernels") or [])]
+    for i, profile in enumerate(data.get("profiles") or []):
+        _known_profile(profile, f"{where}: profiles[{i}]")
     for (kernel, label), profile, suite in itertools.product(kernels, data.get("profiles") or [], suites):
         entries.append(Entry(f"{_slug(label or kernel)}--{profile}--{suite}", kernel, str(profile), suite,
                              [str(a) for a in suites[suite]], timeout, label=label))
     for i, raw in enumerate(data.get("entries") or []):
         if not isinstance(raw, dict) or not {"kernel", "profile"} <= set(raw) or set(raw) - _ENTRY_KEYS:
             raise BadInput(f"{where}: entries[{i}] needs kernel and profile; keys: {', '.join(sorted(_ENTRY_KEYS))}")
+        _known_profile(raw["profile"], f"{where}: entries[{i}].profile")
         suite = str(raw.get("suite", next(iter(suites))))
         if suite not in suites:
             raise BadInput(f"{where}: entries[{i}]: unknown suite {suite!r}; suites: {', '.join(suites)}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.errors import BadInput
+from harness.profiles import load_profile
 from harness.results import TestRecord, write_records
 from harness.rundir import KernelRecord, ProfileRecord, RunRecord, RunStatus, write_run
 from tests.conftest import Cli
@@ -48,6 +50,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("export-unwritable", ["export", "--kcidb", "{tmp}/run", "--output", "/proc/nope/k.json"],
      "--output /proc/nope/k.json: "),
     ("unknown-command-option", ["probe", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ("nightly-profiles-not-a-list", ["nightly", "{tmp}/m-profiles-3.yaml"],
+     "matrix {tmp}/m-profiles-3.yaml: key 'profiles' must be a list, not 3"),
+    ("nightly-unknown-profile", ["nightly", "{tmp}/m-snpp.yaml"],
+     "matrix {tmp}/m-snpp.yaml: profiles[0]: unknown profile 'snpp'; available: "),
+    ("nightly-bad-timeout", ["nightly", "{tmp}/m-timeout.yaml"],
+     "matrix {tmp}/m-timeout.yaml: key 'timeout' must be a number > 0, not -5"),
+    ("nightly-bad-repeat", ["nightly", "{tmp}/m-repeat.yaml"],
+     "matrix {tmp}/m-repeat.yaml: key 'repeat' must be a number >= 1, not 'often'"),
 ]
 
 
@@ -57,7 +67,12 @@ def _inputs(tmp: Path) -> None:
     (tmp / "corrupt").mkdir()
     (tmp / "corrupt" / "meta.json").write_text("{ not json")
     (tmp / "bad.config").write_text("# harness-base: tinyconfig\nthis is not kconfig\n")
-    (tmp / "matrix.yaml").write_text("kernels: [debian:linux-image-cloud-amd64]\nprofiles: [emulated]\n")
+    kernels = "kernels: [debian:linux-image-cloud-amd64]\n"
+    (tmp / "matrix.yaml").write_text(kernels + "profiles: [emulated]\n")
+    (tmp / "m-profiles-3.yaml").write_text(kernels + "profiles: 3\n")
+    (tmp / "m-snpp.yaml").write_text(kernels + "profiles: [emulated, snpp]\n".replace("emulated, ", ""))
+    (tmp / "m-timeout.yaml").write_text(kernels + "profiles: [emulated]\ntimeout: -5\n")
+    (tmp / "m-repeat.yaml").write_text(kernels + "profiles: [emulated]\nrepeat: often\n")
     run = tmp / "run"
     run.mkdir()
     write_run(run, RunRecord(run_id="r", status=RunStatus.PASSED, started="2026-11-01T00:00:00",
@@ -71,7 +86,7 @@ def test_bad_input_is_exit_2_with_one_line_naming_the_thing(cli: Cli, argv: list
     tmp.mkdir()
     _inputs(tmp)
     args = [a.replace("{tmp}", str(tmp)) for a in argv]
-    if args[0] == "run" and "--results" not in args:
+    if args[0] in ("run", "nightly") and "--results" not in args:
         args += ["--results", str(cli.results)]
     proc = cli(*args, timeout=120)
     lines = proc.stderr.strip().splitlines()
@@ -80,6 +95,7 @@ def test_bad_input_is_exit_2_with_one_line_naming_the_thing(cli: Cli, argv: list
     assert lines and lines[-1].startswith("harness: "), proc.stderr
     assert names.replace("{tmp}", str(tmp)) in lines[-1], lines[-1]
     assert cli.run_dirs() == [], "bad input left a run directory"
+    assert not cli.results.exists() or not list(cli.results.glob("nightly-*")), "a refused night left a tree"
 
 
 def test_qemu_arg_takes_a_value_that_starts_with_a_dash(cli: Cli) -> None:
@@ -93,3 +109,11 @@ def test_append_keeps_the_kernels_double_quotes(cli: Cli) -> None:
     proc = cli("run", "--append", 'b="x y" c=1', "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["cmdline"].endswith(' b="x y" c=1')
+
+
+def test_a_profile_extending_a_missing_parent_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "child.yaml").write_text("extends: no-such-parent\n")
+    with pytest.raises(BadInput) as e:
+        load_profile("child", tmp_path)
+    assert str(e.value) == (f"profile child ({tmp_path / 'child.yaml'}): key 'extends' names 'no-such-parent', "
+                            f"which is not a profile in {tmp_path}")

@@ -68,6 +68,9 @@ def _merged(name: str, directory: Path, chain: tuple[str, ...] = ()) -> tuple[di
     sources: tuple[str, ...] = ()
     parent = data.get("extends")
     if parent:
+        if not (directory / f"{parent}.yaml").is_file():
+            raise BadInput(f"profile {name} ({path}): key 'extends' names {parent!r}, which is not a profile in "
+                           f"{directory}")
         merged, sources = _merged(parent, directory, (*chain, name))
     for key, value in data.items():
         if key == "extends":
