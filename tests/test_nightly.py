@@ -48,7 +48,7 @@ def test_matrix_product_and_explicit_entries(tmp_path: Path) -> None:
     ({"entries": [{"kernel": "k", "profile": "emulated", "suite": "nope"}]}, "unknown suite 'nope'"),
     ({"entries": [{"name": "x", "kernel": "k", "profile": "emulated"},
                   {"name": "x", "kernel": "k", "profile": "emulated"}]}, "two entries are named 'x'"),
-    ({"entries": [{"kernel": "k", "profile": "p"}]}, "entries[0].profile: unknown profile 'p'"),
+    ({"entries": [{"kernel": "k", "profile": "p"}]}, r"entries\[0\]\.profile: unknown profile 'p'"),
     ({"suites": {"boot": "-k x"}}, "maps names to lists"),
 ])
 def test_bad_matrices(tmp_path: Path, change: dict[str, object], message: str) -> None:
