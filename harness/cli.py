@@ -124,6 +124,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="write it here instead of stdout")
     _add_kcidb_args(p)
 
+    p = sub.add_parser("bisect", help="first bad patch of a series (or commit of a git range) for a failing test",
+                       epilog="-k EXPR selects the guest tests; other pytest arguments go after --. "
+                              "Exit 0: a culprit named; 1: only patches that do not build were left between "
+                              "good and bad; 2: bad input (ends that do not behave included); 3: infrastructure; "
+                              "128+N: a signal.")
+    p.add_argument("spec", nargs="?", type=Path, metavar="SPEC.yaml",
+                   help="build spec {source, series, configs}, or {source, configs, good, bad} for a git range")
+    p.add_argument("--source", help="kernel tarball, tree or git repository (with --good/--bad: its history)")
+    p.add_argument("--series", help="the series to bisect: mbox, directory of *.patch (quilt series file honoured)")
+    p.add_argument("--config", action="append", default=[], metavar="FRAGMENT",
+                   help="config fragment from kconfigs/ by name, or a path; repeatable (default base)")
+    p.add_argument("--good", metavar="COMMIT", help="with --bad: bisect this git range with git bisect run")
+    p.add_argument("--bad", metavar="COMMIT", help="the first commit known to fail")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"QEMU profile (default {DEFAULT_PROFILE})")
+    p.add_argument("--append", default="", metavar="ARGS", help="extra kernel command-line arguments")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="profile parameter; repeatable")
+    p.add_argument("--params", type=Path, default=None, metavar="FILE.yaml", help="profile parameters from YAML")
+    p.add_argument("-k", dest="keyword", metavar="EXPR", help="guest tests to judge each step by (pytest -k)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per step (default 1)")
+    p.add_argument("--flaky-is", choices=("good", "bad"), default="bad",
+                   help="what a step that fails some but not all of its runs counts as (default bad)")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="extra attempts for a build or run that breaks on infrastructure (exit 3); default 2")
+    p.add_argument("--timeout", type=float, default=1800.0, help="deadline for each run's guest tests, seconds")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
+    p.add_argument("--json", action="store_true", help="print bisect.json at the end")
+
     p = sub.add_parser("reproduce", help="re-run a recorded run exactly")
     p.add_argument("result", type=Path, help="a results/<run-id> directory, or results/<run-id>/tests/<name>")
     p.add_argument("--results", type=Path, default=None, help="results root (default: beside RESULT)")
@@ -193,6 +220,8 @@ def _dispatch(argv: list[str]) -> int:
         return _build(args)
     if args.command == "reproduce":
         return _reproduce(args)
+    if args.command == "bisect":
+        return _bisect(args, passthrough, [*argv, "--", *passthrough] if passthrough else argv)
     if args.command == "compare":
         return _compare(args)
     if args.command == "nightly":
@@ -387,6 +416,25 @@ def _compare(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def _bisect(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> int:
+    from harness.bisect import bisect, spec_request
+    from harness.bisect_step import BisectRequest
+
+    req = BisectRequest(source=args.source or "", series=args.series, configs=args.config or ["base"],
+                        good=args.good, bad=args.bad, profile=args.profile, append=args.append,
+                        params=parse_params(args.param, args.params),
+                        pytest_args=(["-k", args.keyword] if args.keyword else []) + pytest_args,
+                        repeat=args.repeat, flaky_is=args.flaky_is, retries=args.retries, timeout=args.timeout,
+                        results=str(args.results))
+    if args.spec is not None:
+        if args.source or args.series or args.config or args.good or args.bad:
+            raise BadInput("harness bisect: SPEC.yaml or --source/--series/--config/--good/--bad, not both")
+        req = spec_request(args.spec, req)
+    elif not args.source:
+        raise BadInput("harness bisect: give SPEC.yaml or --source")
+    return bisect(req, argv, as_json=args.json)
 
 
 def _reproduce(args: argparse.Namespace) -> int:
