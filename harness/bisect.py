@@ -94,7 +94,12 @@ def bisect(req: BisectRequest, argv: list[str], as_json: bool = False, say: Say 
     load_profile(req.profile)
     for name in req.configs:
         load_fragment(name)
-    job = _Series(req)
+    if req.good is not None:
+        from harness.bisect_git import GitRange
+
+        job: _Series | GitRange = GitRange(req)
+    else:
+        job = _Series(req)
     out = _new_dir(Path(req.results))
     record = BisectRecord(req, job.kind, started=timestamp(), command=["harness", *argv])
     job.describe(record)

@@ -10,6 +10,7 @@ Each series here appends lines to the fake tree's swiotlb.c, one patch each:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.bisect import bisect, next_prefix, spec_request
+from harness.bisect_git import SCRIPT_SKIP, first_bad_of
 from harness.bisect_step import (
     BISECT_JSON,
     BisectRecord,
@@ -28,6 +30,7 @@ from harness.bisect_step import (
     Verdict,
     read_record,
 )
+from harness.build import build_checkout, open_history
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, BadInput
 from tests.conftest import REPO, Cli
 
@@ -255,7 +258,8 @@ def test_usage_errors_are_exit_2_before_anything_runs(cli: Cli, tmp_path: Path) 
                        (("--source", str(TREE), "--good", "HEAD"), "needs both --good and --bad"),
                        (("--source", str(TREE), "--series", series, "--good", "a", "--bad", "b"), "not both"),
                        (("--source", str(TREE), "--series", series, "--profile", "snpp"), "unknown profile 'snpp'"),
-                       (("--source", str(TREE), "--series", series, "--repeat", "0"), "--repeat >= 1")]:
+                       (("--source", str(TREE), "--series", series, "--repeat", "0"), "--repeat >= 1"),
+                       (("--source", str(tmp_path), "--good", "a", "--bad", "b"), "not a git repository")]:
         proc = cli("bisect", *args, "--results", str(cli.results))
         assert proc.returncode == 2, (args, proc.stderr)
         assert says in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
@@ -271,3 +275,71 @@ def test_a_spec_names_the_kernel_and_may_carry_a_range(tmp_path: Path) -> None:
     spec.write_text("source: linux\nbisect: yes\n")
     with pytest.raises(BadInput, match="unknown key 'bisect'"):
         spec_request(spec, req)
+
+
+# -- git ranges: the history clone and git's verdict --------------------------------
+
+
+def small_repository(where: Path) -> tuple[Path, list[str]]:
+    """The fake tree as a repository of five commits: base, ok, #error, mend, ok."""
+    repo = where / "linux"
+    shutil.copytree(TREE, repo)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    source = repo / "kernel" / "dma" / "swiotlb.c"
+    commits = []
+    for subject, change in [("base", None), ("ok", "/* ok */"), ("break", '#error "broken"'),
+                            ("mend", '#error "broken"'), ("after", "/* after */")]:
+        if change is not None:
+            text = source.read_text()
+            source.write_text(text.replace(change + "\n", "") if subject == "mend" else text + change + "\n")
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", subject], check=True)
+        commits.append(subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+    return repo, commits
+
+
+def test_range_commits_build_incrementally_in_one_cached_clone(tmp_path: Path) -> None:
+    repo, commits = small_repository(tmp_path)
+    history = open_history(str(repo / "init"))  # any path inside the repository names it
+    assert history.tree == open_history(str(repo)).tree and history.commit("HEAD~1") == commits[3]
+    with history.bisecting():
+        history.checkout(commits[1])
+        first = build_checkout(history.tree, history.source(commits[1]), [SAMPLE_CONFIG], lambda _: None)
+        history.checkout(commits[4])
+        second = build_checkout(history.tree, history.source(commits[4]), [SAMPLE_CONFIG], lambda _: None)
+        with pytest.raises(Exception, match="another bisect is using"), history.bisecting():
+            pass
+    assert not first.cached and not second.cached
+    assert first.artifact != second.artifact and len(list(history.tree.parent.glob("out-*"))) == 1
+    compiled = re.findall(r"^  CC\s+(\S+)$", (second.artifact / "build.log").read_text().split("### build:")[-1],
+                          re.M)
+    assert compiled == ["kernel/dma/swiotlb.o"]
+    meta = json.loads((second.artifact / "harness-build.json").read_text())
+    assert meta["source"]["identity"] == f"git:{commits[4]}" and meta["patches"] == []
+    # The user's repository is only read.
+    status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True)
+    assert status.stdout == "" and not (repo / ".git" / "BISECT_START").exists()
+
+
+def test_git_bisect_run_skips_what_does_not_build_and_names_the_first_bad(tmp_path: Path) -> None:
+    repo, commits = small_repository(tmp_path)
+    # A script with git's conventions standing in for the harness step: 125 for a tree
+    # that does not build, 1 for one with the "after" change.
+    script = tmp_path / "step.sh"
+    script.write_text("#!/bin/sh\ngrep -q '#error' kernel/dma/swiotlb.c && exit 125\n"
+                      "grep -q after kernel/dma/swiotlb.c && exit 1\nexit 0\n")
+    script.chmod(0o755)
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "bisect", "start", commits[4], commits[0]], check=True, capture_output=True)
+    proc = subprocess.run([*git, "bisect", "run", str(script)], capture_output=True, text=True, timeout=60)
+    subprocess.run([*git, "bisect", "reset"], check=True, capture_output=True)
+    assert first_bad_of(proc.stdout.splitlines()) == (commits[4], [])
+    assert SCRIPT_SKIP == 125
+    # Only skipped commits between good and bad: git names the candidates.
+    subprocess.run([*git, "bisect", "start", commits[3], commits[1]], check=True, capture_output=True)
+    script.write_text("#!/bin/sh\ngrep -q '#error' kernel/dma/swiotlb.c && exit 125\nexit 1\n")
+    proc = subprocess.run([*git, "bisect", "run", str(script)], capture_output=True, text=True, timeout=60)
+    subprocess.run([*git, "bisect", "reset"], check=True, capture_output=True)
+    first, candidates = first_bad_of(proc.stdout.splitlines())
+    assert first is None and sorted(candidates) == sorted([commits[2], commits[3]]), proc.stdout
