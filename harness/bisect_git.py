@@ -162,8 +162,10 @@ class _GitBisectRun:
 
     def run(self) -> list[str]:
         """git's output lines. Raises InfraError past the deadline; interrupts propagate."""
-        proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        # git's stdout (its own account of the bisect) goes to the log; stderr, where each
+        # step prints its progress line, stays the user's.
+        proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=die_with_parent)
         reader = threading.Thread(target=self._read, args=(proc,), name="git bisect run", daemon=True)
         reader.start()
         try:

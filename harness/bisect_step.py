@@ -343,8 +343,9 @@ def _build_text(build: BuildOutcome | None) -> str:
     if build.status == "cached":
         return "build cached"
     if build.status == "failed":
-        return f"build FAILED in {build.seconds:.0f} s" + (f" ({build.errors[0].strip()[:100]})" if build.errors
-                                                           else "")
+        # The first compiler error, its path from the top of the tree (the cached tree's own path is noise).
+        error = re.sub(r"^/[^:\s]*/src/", "", build.errors[0].strip()) if build.errors else ""
+        return f"build FAILED in {build.seconds:.0f} s" + (f" ({error[:100]})" if error else "")
     if build.status == "error":
         return "build error"
     return f"build {build.seconds:.0f} s"
