@@ -126,25 +126,31 @@ def test_ends_that_do_not_behave_are_exit_2_saying_which(cli: Cli) -> None:
 def test_a_signal_leaves_bisect_json_incomplete_and_nothing_running(cli: Cli, signum: int) -> None:
     """Stopped while a step's guest boots: the run is marked interrupted, its QEMU stopped,
     and the cli fixture finds no QEMU and nothing left in TMPDIR."""
-    argv = cli.argv("bisect", "--source", str(TARBALL), "--series", str(FAULT_AT_3), *SELECTION,
-                    "--results", str(cli.results))
+    data, out = signal_once_booting(cli, signum, 1, "--source", str(TARBALL), "--series", str(FAULT_AT_3))
+    # The signal came while the first step's guest booted: its run says so.
+    (console,) = cli.results.glob("bisect-*/*/console.log")
+    assert data["steps"][-1]["step"] == 1 and read_run(console.parent).status == "interrupted"
+    assert f"interrupted by signal {signum}" in out
+
+
+def signal_once_booting(cli: Cli, signum: int, boots: int, *args: str) -> tuple[dict[str, Any], str]:
+    """`harness bisect ARGS` signalled once its `boots`-th guest is booting: it exits 128+N, its
+    bisect.json is incomplete with the signal and the step it stopped. Returns bisect.json and stdout."""
+    argv = cli.argv("bisect", *args, "--config", "base", *SELECTION, "--results", str(cli.results))
     proc = subprocess.Popen(argv, env=cli.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 1800
-    while not list(cli.results.glob("bisect-*/*/console.log")):
-        assert time.monotonic() < deadline and proc.poll() is None, "no step ever booted"
+    while len(list(cli.results.glob("bisect-*/*/console.log"))) < boots:
+        assert time.monotonic() < deadline and proc.poll() is None, "the step never booted"
         time.sleep(0.1)
     os.kill(proc.pid, signum)
-    out, err = proc.communicate(timeout=180)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, err[-2000:]
     assert "Traceback" not in err
     (bisect_dir,) = cli.results.glob("bisect-*")
-    data = json.loads((bisect_dir / "bisect.json").read_text())
+    data: dict[str, Any] = json.loads((bisect_dir / "bisect.json").read_text())
     assert data["status"] == "incomplete" and data["interrupted_by"] == signum
     assert data["exit_code"] == 128 + signum and data["steps"][-1]["abort"] == 128 + signum
-    # The signal came while the first step's guest booted: its run says so.
-    (console,) = bisect_dir.glob("*/console.log")
-    assert data["steps"][-1]["step"] == 1 and read_run(console.parent).status == "interrupted"
-    assert f"interrupted by signal {signum}" in out
+    return data, out
 
 
 # -- a git range -------------------------------------------------------------------
@@ -218,3 +224,19 @@ def test_a_git_range_is_bisected_by_git_to_the_bad_commit(cli: Cli) -> None:
                *SELECTION, "--results", str(cli.results), "--json", timeout=3600)
     assert proc.returncode == 2 and bisect_json(proc)["message"].startswith(
         f"the good end, commit {commits[4][:12]} {FAULT!r}, does not pass"), proc.stdout[-2000:]
+
+
+@needs_source
+def test_a_signal_during_git_bisect_run_stops_the_step_and_leaves_the_clone_usable(cli: Cli) -> None:
+    """SIGTERM while the third guest boots: that is a step of `git bisect run`'s script. git and
+    the script are stopped, the script's run is marked interrupted, and the clone is out of
+    bisect mode (the next bisect starts clean); the cli fixture finds no QEMU and a clean TMPDIR."""
+    repo, commits = small_linux_repository()
+    data, _ = signal_once_booting(cli, signal.SIGTERM, 3, "--source", str(repo), "--good", commits[0],
+                                  "--bad", commits[5])
+    assert len(data["steps"]) >= 3 and data["steps"][-1]["decision"] == "interrupted by signal 15"
+    consoles = sorted(cli.results.glob("bisect-*/*/console.log"))
+    assert read_run(consoles[-1].parent).status == "interrupted"
+    clone = next(p for p in cache_dir().glob("history/*/src") if (p / ".git" / "harness-history").read_text().strip()
+                 == str((repo / ".git").resolve()))
+    assert not (clone / ".git" / "BISECT_START").exists()
