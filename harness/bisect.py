@@ -150,15 +150,19 @@ def _absolute(req: BisectRequest) -> BisectRequest:
 
 
 def _new_dir(results: Path) -> Path:
-    results.mkdir(parents=True, exist_ok=True)
+    """RESULTS/bisect-<time> (-2, -3... when two start in the same second). BadInput if RESULTS is unusable."""
     stamp = time.strftime("bisect-%Y%m%d-%H%M%S")
-    for n in range(1, 100):
-        out = results.resolve() / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            out.mkdir()
-            return out
-        except FileExistsError:
-            continue
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 100):
+            out = results.resolve() / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                out.mkdir()
+                return out
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise BadInput(f"--results {results}: {e.strerror}") from None
     raise InfraError(f"{results}: cannot make a bisect directory named {stamp}")
 
 

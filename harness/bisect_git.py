@@ -254,6 +254,9 @@ def step_main(argv: list[str]) -> int:
         return SCRIPT_ABORT
     except (KeyboardInterrupt, Terminated):
         return SCRIPT_ABORT
+    except Exception as e:  # noqa: BLE001 - git shows the script's stderr: a line, not a traceback
+        print(f"harness bisect: step: internal error: {e!r}", file=sys.stderr)
+        return SCRIPT_ABORT
     finally:
         pid_file.unlink(missing_ok=True)
         restore()
