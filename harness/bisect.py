@@ -29,18 +29,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from harness.bisect_step import (
+from harness.bisect_record import (
     BisectRecord,
     BisectRequest,
     BisectStatus,
-    RunFn,
-    Say,
-    Stepper,
     StepRecord,
     Target,
     Verdict,
     write_record,
 )
+from harness.bisect_step import RunFn, Say, Stepper
 from harness.build import BuildSpec, Patch, build, load_fragment, load_series, load_spec, resolve_source
 from harness.errors import EXIT_KERNEL, EXIT_OK, BadInput, HarnessError, InfraError, Terminated
 from harness.paths import KCONFIGS_DIR, load_yaml

@@ -32,17 +32,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.bisect import conclude, end_check, stop_on_abort
-from harness.bisect_step import (
+from harness.bisect_record import (
     BisectRecord,
     BisectRequest,
-    BuildFn,
-    Stepper,
     StepRecord,
     Target,
     Verdict,
     read_record,
     write_record,
 )
+from harness.bisect_step import BuildFn, Stepper
 from harness.build import build_checkout, open_history
 from harness.build.make import COMPILE_DEADLINE
 from harness.errors import BadInput, HarnessError, InfraError, Terminated

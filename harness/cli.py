@@ -420,7 +420,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _bisect(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> int:
     from harness.bisect import bisect, spec_request
-    from harness.bisect_step import BisectRequest
+    from harness.bisect_record import BisectRequest
 
     req = BisectRequest(source=args.source or "", series=args.series, configs=args.config or ["base"],
                         good=args.good, bad=args.bad, profile=args.profile, append=args.append,

@@ -20,7 +20,7 @@ import pytest
 
 from harness.bisect import bisect, next_prefix, spec_request
 from harness.bisect_git import SCRIPT_SKIP, first_bad_of
-from harness.bisect_step import (
+from harness.bisect_record import (
     BISECT_JSON,
     BisectRecord,
     BisectRequest,
@@ -343,3 +343,4 @@ def test_git_bisect_run_skips_what_does_not_build_and_names_the_first_bad(tmp_pa
     subprocess.run([*git, "bisect", "reset"], check=True, capture_output=True)
     first, candidates = first_bad_of(proc.stdout.splitlines())
     assert first is None and sorted(candidates) == sorted([commits[2], commits[3]]), proc.stdout
+
