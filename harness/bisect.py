@@ -119,7 +119,9 @@ def bisect(req: BisectRequest, argv: list[str], as_json: bool = False, say: Say 
     if as_json:
         print(json.dumps(record.to_json(), indent=1))
     else:
-        print(report(record, out, time.monotonic() - start))
+        # A verdict is the command's output; a bisect that ended without one says why on stderr.
+        found = record.status in (BisectStatus.FOUND, BisectStatus.NARROWED)
+        print(report(record, out, time.monotonic() - start), file=sys.stdout if found else sys.stderr)
     return record.exit_code if record.exit_code is not None else EXIT_OK
 
 
@@ -273,9 +275,10 @@ def report(record: BisectRecord, out: Path, seconds: float) -> str:
     lines = []
     if record.status in (BisectStatus.FOUND, BisectStatus.NARROWED):
         first = record.first_bad
-        if first is not None:
-            where = f" ({first.file})" if first.file else ""
-            lines.append(f"first bad {first.label}{where}")
+        if first is not None and first.commit is not None:
+            lines.append(f"first bad commit {first.commit} {first.subject!r}")
+        elif first is not None:
+            lines.append(f"first bad {first.label} ({first.file})")
         else:
             lines.append(f"no single culprit: {record.message}")
         if record.last_good is not None:

@@ -207,7 +207,10 @@ class _GitBisectRun:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass   # git stuck past SIGKILL (in the kernel): nothing more to do from here
 
 
 def _steps_left(tree_git: Callable[..., str]) -> int:

@@ -126,16 +126,16 @@ def test_ends_that_do_not_behave_are_exit_2_saying_which(cli: Cli) -> None:
 def test_a_signal_leaves_bisect_json_incomplete_and_nothing_running(cli: Cli, signum: int) -> None:
     """Stopped while a step's guest boots: the run is marked interrupted, its QEMU stopped,
     and the cli fixture finds no QEMU and nothing left in TMPDIR."""
-    data, out = signal_once_booting(cli, signum, 1, "--source", str(TARBALL), "--series", str(FAULT_AT_3))
+    data, err = signal_once_booting(cli, signum, 1, "--source", str(TARBALL), "--series", str(FAULT_AT_3))
     # The signal came while the first step's guest booted: its run says so.
     (console,) = cli.results.glob("bisect-*/*/console.log")
     assert data["steps"][-1]["step"] == 1 and read_run(console.parent).status == "interrupted"
-    assert f"interrupted by signal {signum}" in out
+    assert f"harness bisect: interrupted by signal {signum}" in err
 
 
 def signal_once_booting(cli: Cli, signum: int, boots: int, *args: str) -> tuple[dict[str, Any], str]:
     """`harness bisect ARGS` signalled once its `boots`-th guest is booting: it exits 128+N, its
-    bisect.json is incomplete with the signal and the step it stopped. Returns bisect.json and stdout."""
+    bisect.json is incomplete with the signal and the step it stopped. Returns bisect.json and stderr."""
     argv = cli.argv("bisect", *args, "--config", "base", *SELECTION, "--results", str(cli.results))
     proc = subprocess.Popen(argv, env=cli.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 1800
@@ -150,7 +150,8 @@ def signal_once_booting(cli: Cli, signum: int, boots: int, *args: str) -> tuple[
     data: dict[str, Any] = json.loads((bisect_dir / "bisect.json").read_text())
     assert data["status"] == "incomplete" and data["interrupted_by"] == signum
     assert data["exit_code"] == 128 + signum and data["steps"][-1]["abort"] == 128 + signum
-    return data, out
+    assert out == ""
+    return data, err
 
 
 # -- a git range -------------------------------------------------------------------
