@@ -43,7 +43,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run directory", ("results", "rundir", "verdict")),
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.
-    ("orchestration", ("cli", "__main__", "runner", "nightly", "reproduce", "pytest_plugin", "probe_report")),
+    ("orchestration", ("cli", "cli_args", "__main__", "runner", "nightly", "reproduce", "pytest_plugin",
+                       "probe_report", "bisect", "bisect_git", "bisect_step", "bisect_record")),
 )
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 

@@ -85,8 +85,9 @@ def _say(text: str) -> None:
 
 
 def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
-          progress: Progress = _say) -> BuildResult:
-    """Build (or find in the cache) the kernel for `spec`.
+          progress: Progress = _say, patches: list[Patch] | None = None) -> BuildResult:
+    """Build (or find in the cache) the kernel for `spec`; `patches`, when given, are
+    built instead of the series `spec` names (a bisect builds prefixes of one).
 
     Raises BadInput (exit 2: missing files, a patch that does not apply, dropped
     options without allow_dropped), BuildFailed (exit 1: the kernel does not
@@ -97,36 +98,84 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
     tools = toolchain()
     source = resolve_source(spec.source)
     fragments = [load_fragment(name) for name in spec.configs]
-    base_config = next((f.base for f in fragments if f.base), "tinyconfig")
-    with tempfile.TemporaryDirectory(prefix="harness-series-") as tmp:
-        patches = load_series(spec.series, Path(tmp))
-    key = _cache_key(source, patches, fragments, base_config, tools, per_patch)
-    artifact = cache_dir() / "kernels" / key
-    hit = _cached(artifact, start, progress)
+    if patches is None:
+        with tempfile.TemporaryDirectory(prefix="harness-series-") as tmp:
+            patches = load_series(spec.series, Path(tmp))
+    job = _Inputs(source, patches, fragments, tools, per_patch, allow_dropped, start, progress)
+    hit = _cached(job.artifact, start, progress)
     if hit is not None:
         return hit
     root = cache_dir() / "src" / hashlib.sha256(source.identity.encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
         # An identical build may have finished while this one waited for the tree.
-        hit = _cached(artifact, start, lambda _: None)
+        hit = _cached(job.artifact, start, lambda _: None)
         if hit is not None:
             return hit
         progress(f"build: importing {source.spec}" if not (root / "src").exists() else f"build: {source.spec}")
         tree = import_tree(source, root)
-        config_key = hashlib.sha256(json.dumps([base_config, _options(fragments)]).encode()).hexdigest()[:12]
+        try:
+            tree.reset()
+            return job.make(tree, root)
+        finally:
+            tree.reset()
+
+
+def build_checkout(tree: Path, source: Source, configs: list[str], progress: Progress = _say) -> BuildResult:
+    """Build (or find in the cache) the commit checked out in `tree`, a cached repository
+    with history (harness.build.history) whose builds share `tree`'s parent: its lock
+    and one O= directory per configuration, so the next commit is an incremental build.
+    `source` names the commit (kind git, identity `git:<sha>`): the artifact is the
+    one `build` makes for `--source REPO@<sha>`. Raises as `build` does.
+    """
+    start = time.monotonic()
+    job = _Inputs(source, [], [load_fragment(name) for name in configs], toolchain(), False, False, start,
+                  progress)
+    hit = _cached(job.artifact, start, progress)
+    if hit is not None:
+        return hit
+    with _locked(tree.parent / ".lock"):
+        hit = _cached(job.artifact, start, lambda _: None)
+        if hit is not None:
+            return hit
+        progress(f"build: {source.spec}")
+        return job.make(CachedTree(tree), tree.parent)
+
+
+def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
+    # What a fragment asks for, in its order: editing a comment is not a new kernel.
+    return [list(f.options.items()) for f in fragments]
+
+
+class _Inputs:
+    """Everything that goes into one kernel: its cache key, and the make phases that
+    turn it into a published artifact in a tree the caller holds locked."""
+
+    def __init__(self, source: Source, patches: list[Patch], fragments: list[Fragment], tools: dict[str, str],
+                 per_patch: bool, allow_dropped: bool, start: float, progress: Progress) -> None:
+        self.source, self.patches, self.fragments, self.tools = source, patches, fragments, tools
+        self.per_patch, self.allow_dropped, self.start, self.progress = per_patch, allow_dropped, start, progress
+        self.base_config = next((f.base for f in fragments if f.base), "tinyconfig")
+        self.key = _cache_key(source, patches, fragments, self.base_config, tools, per_patch)
+        self.artifact = cache_dir() / "kernels" / self.key
+
+    def make(self, tree: CachedTree, root: Path) -> BuildResult:
+        """Configure, compile and collect in `tree` (out of tree, in `root`/out-<config>),
+        then publish. BuildFailed keeps the log beside the cache."""
+        config_key = hashlib.sha256(json.dumps([self.base_config, _options(self.fragments)]).encode()).hexdigest()[:12]
+        artifact = self.artifact
         artifact.parent.mkdir(parents=True, exist_ok=True)
         _sweep_staging(artifact.parent)
         staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
         (staging / ".owner").write_text(str(os.getpid()))
-        job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", progress)
-        kept_log = artifact.parent / f"{key}-failed.log"
+        job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress)
+        kept_log = artifact.parent / f"{self.key}-failed.log"
         try:
-            tree.reset()
-            dropped = job.configure(fragments, base_config, allow_dropped)
-            steps = job.per_patch(patches) if per_patch else job.all_patches(patches)
+            dropped = job.configure(self.fragments, self.base_config, self.allow_dropped)
+            steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
             release = job.collect(staging)
-            _write_meta(staging, source, patches, fragments, tools, release, dropped, steps, start)
+            _write_meta(staging, self.source, self.patches, self.fragments, self.tools, release, dropped, steps,
+                        self.start)
             _publish(staging, artifact)
         except BuildFailed as e:
             # A failed build is never published (it would be a cache hit); its log is kept.
@@ -134,14 +183,8 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
             raise BuildFailed(str(e).replace(str(job.log), str(kept_log)), e.lines, e.steps) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            tree.reset()
-    progress(f"build: {release} in {time.monotonic() - start:.0f}s -> {artifact}")
-    return BuildResult(artifact, release, False, time.monotonic() - start, [str(d) for d in dropped], steps)
-
-
-def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
-    # What a fragment asks for, in its order: editing a comment is not a new kernel.
-    return [list(f.options.items()) for f in fragments]
+        self.progress(f"build: {release} in {time.monotonic() - self.start:.0f}s -> {artifact}")
+        return BuildResult(artifact, release, False, time.monotonic() - self.start, [str(d) for d in dropped], steps)
 
 
 def _cache_key(source: Source, patches: list[Patch], fragments: list[Fragment], base_config: str,

@@ -16,14 +16,16 @@ class BuildSpec:
     configs: list[str] = field(default_factory=lambda: ["base"])
 
 
-def load_spec(path: Path) -> BuildSpec:
-    """A build spec YAML: {source, series, configs}; relative paths are relative to the file."""
+def load_spec(path: Path, extra_keys: tuple[str, ...] = ()) -> BuildSpec:
+    """A build spec YAML: {source, series, configs}; relative paths are relative to the file.
+    `extra_keys` are allowed beside them and left to the caller (bisect's good and bad)."""
     data = load_yaml(path, "build spec")
     if not isinstance(data, dict) or "source" not in data:
         raise BadInput(f"build spec {path}: needs a 'source' key")
-    unknown = set(data) - {"source", "series", "configs"}
+    known = ("source", "series", "configs", *extra_keys)
+    unknown = set(data) - set(known)
     if unknown:
-        raise BadInput(f"build spec {path}: unknown key {sorted(unknown)[0]!r}; known: source, series, configs")
+        raise BadInput(f"build spec {path}: unknown key {sorted(unknown)[0]!r}; known: {', '.join(known)}")
 
     def rel(value: str | None) -> str | None:
         if value is None or "@" in value and "/" not in value or Path(value).is_absolute():
