@@ -257,7 +257,7 @@ def test_a_held_function_is_not_unbound_and_stays_recorded(epyc: KernelModel, tm
     assert len(list((tmp_path / "state").glob("*.json"))) == 1, "the record must stay for a later restore"
     # The owner (this process) is alive: --restore leaves it; it is reported as held.
     assert report(restore_dead=True, as_json=False, directory=tmp_path / "state") == 0
-    assert "pid %d (running)" % os.getpid() in capsys.readouterr().out
+    assert f"pid {os.getpid()} (running)" in capsys.readouterr().out
 
 
 def _dead_pid() -> int:
