@@ -1,0 +1,34 @@
+"""Session set-up shared by the guest suites.
+
+`assignment`: under a profile that assigns host functions (vfio: `host_bdf`
+and `vfio_backend`), the functions are hot-plugged as vfio-pci once the guest
+is up, before the first test, so every suite (pcimem, DMA, hotplug) finds them
+as it finds emulated devices; they are hot-unplugged after the last test. For
+every other profile it does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from harness.assign import Assignment, assigned_bdfs, plug_all, unplug_all
+from harness.hoststate import RealSysfs
+from harness.pytest_plugin import RunInfo
+
+
+@pytest.fixture(scope="session", autouse=True)
+def assignment(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Assignment | None]:
+    plan = run_info.plan
+    if plan is None or not assigned_bdfs(plan.profile):
+        yield None
+        return
+    guest = request.getfixturevalue("guest")
+    qmp = request.getfixturevalue("qmp")
+    done = plug_all(qmp, guest, plan.profile, RealSysfs())
+    try:
+        yield done
+    finally:
+        if not guest.closed:
+            unplug_all(qmp, guest, done)
