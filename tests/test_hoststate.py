@@ -144,7 +144,7 @@ class KernelModel:
         return s.driver, s.driver_override
 
 
-@pytest.fixture(params=["fake-epyc-lab.json"])
+@pytest.fixture(params=["fake-epyc-lab.json", "lab-host-l1.json"])
 def host(request: pytest.FixtureRequest, tmp_path: Path) -> KernelModel:
     data = load(request.param)
     make_tree(tmp_path / "root", data)
