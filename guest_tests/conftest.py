@@ -3,8 +3,9 @@
 `assignment`: under a profile that assigns host functions (vfio: `host_bdf`
 and `vfio_backend`), the functions are hot-plugged as vfio-pci once the guest
 is up, before the first test, so every suite (pcimem, DMA, hotplug) finds them
-as it finds emulated devices; they are hot-unplugged after the last test. For
-every other profile it does nothing.
+as it finds emulated devices; they are hot-unplugged after the last test. With
+`-n N` only the first worker's guest gets them. For every other profile it
+does nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from harness.pytest_plugin import RunInfo
 @pytest.fixture(scope="session", autouse=True)
 def assignment(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Assignment | None]:
     plan = run_info.plan
-    if plan is None or not assigned_bdfs(plan.profile):
+    # A host function goes to one VM: with -n N only the first worker's guest gets it.
+    if plan is None or not assigned_bdfs(plan.profile) or run_info.worker not in ("main", "gw0"):
         yield None
         return
     guest = request.getfixturevalue("guest")

@@ -61,13 +61,16 @@ def test_assigned_nvme_dma_verifies(assigned: Assignment, guest: GuestChannel,
     if not disks:
         pytest.skip("no NVMe controller among the assigned functions")
     for item in disks:
-        # 16 MiB per thread, 2 threads, written and read back: DMA through the
-        # guest's DMA API, QEMU's vfio mapping and the host IOMMU.
-        result = guest.run(f"dmastress -d {item.disk} -t 2 -n 64 -r 8388608", timeout=300)
-        m = re.search(r"corrupt=(\d+) errors=(\d+) seconds=([\d.]+) MBps=([\d.]+)", result.stdout)
+        # Two threads, each over its own 16 MiB, 1 MiB transfers and ones that
+        # cross pages, written and read back: at least 16 MiB through the guest's
+        # DMA API, QEMU's vfio mapping and the host IOMMU.
+        result = guest.run(f"dmastress -d {item.disk} -t 2 -n 24 -s 1048576,4608 -r 16777216", timeout=300)
+        m = re.search(r"bytes=(\d+) corrupt=(\d+) errors=(\d+) seconds=([\d.]+) MBps=([\d.]+)", result.stdout)
         assert m, result.stdout[-400:] + result.stderr[-400:]
-        assert result.exit_code == 0 and m.group(1) == "0" and m.group(2) == "0", result.stdout[-400:]
-        record_property("vfio_nvme_MBps", float(m.group(4)))
+        assert result.exit_code == 0 and m.group(2) == "0" and m.group(3) == "0", result.stdout[-400:]
+        assert int(m.group(1)) >= 16 << 20, f"only {m.group(1)} bytes moved"
+        record_property("vfio_nvme_MBps", float(m.group(5)))
+        record_property("vfio_nvme_bytes", int(m.group(1)))
 
 
 def test_hot_unplug_releases_the_host_function_and_replug_works(
