@@ -4,8 +4,9 @@ The guest boots without the devices (seed 001: cold-plugging fails for TIO,
 and a run that assigns after boot is the workflow people use). For each
 function in `host_bdf` the guest tests then:
 
-- with `vfio_backend=iommufd`: QMP `object-add iommufd` once (so the argv of
-  a profile carries nothing a host without /dev/iommu would refuse), and
+- with `vfio_backend=iommufd`: QMP `object-add iommufd` once, kept for the
+  VM's life (so the argv of a profile carries nothing a host without
+  /dev/iommu would refuse), and
   `device_add vfio-pci,host=BDF,iommufd=iommufd0`; with `container`: the
   legacy /dev/vfio/vfio type1 container, no object;
 - each into its own root port, hp4 and on (hp0-hp3 are the hotplug suite's);
@@ -75,7 +76,6 @@ class Assignment:
     profile: Profile
     host: Sysfs
     devices: list[Assigned] = field(default_factory=list)
-    object_added: bool = False
     plug_seconds: float = 0.0
     unplug_seconds: float = 0.0
 
@@ -93,13 +93,12 @@ def plug_all(qmp: QmpChannel, guest: GuestChannel, profile: Profile, host: Sysfs
         raise BadInput(f"profile {profile.name}: {len(bdfs)} functions in host_bdf, but only "
                        f"{profile.hotplug_ports - FIRST_PORT} root ports for them")
     start = time.monotonic()
-    if backend(profile) == "iommufd" and bdfs:
+    if backend(profile) == "iommufd" and bdfs and not _has_object(qmp, IOMMUFD_ID):
         try:
             qmp.execute("object-add", {"qom-type": "iommufd", "id": IOMMUFD_ID})
         except ExecuteError as e:
             raise InfraError(f"QEMU refused object-add iommufd (no /dev/iommu on the host? "
                              f"use --param vfio_backend=container): {e}") from None
-        done.object_added = True
     for i, bdf in enumerate(bdfs):
         dev = f"{PCI_DEVICES}/{bdf}"
         vendor, device = done.host.read(f"{dev}/vendor"), done.host.read(f"{dev}/device")
@@ -131,15 +130,22 @@ def _wait_disk(guest: GuestChannel, bdf: str, timeout: float) -> str | None:
 
 
 def unplug_all(qmp: QmpChannel, guest: GuestChannel, done: Assignment, timeout: float = 60.0) -> None:
-    """device_del each function (DEVICE_DELETED, gone from the guest), then the iommufd object."""
+    """device_del each function: DEVICE_DELETED, then gone from the guest."""
     start = time.monotonic()
     while done.devices:
-        unplug(qmp, guest, done.devices[-1].plugged, timeout=timeout)
+        plugged = done.devices[-1].plugged
+        # The guest's driver lets go first, while the function is still fully there: what a
+        # careful user does before handing a device back, and the eject then has no driver to
+        # wait for.
+        guest.run(f"d={plugged.device.path}; [ -e $d/driver ] && echo {plugged.device.bdf} > $d/driver/unbind",
+                  timeout=timeout)
+        unplug(qmp, guest, plugged, timeout=timeout)
         done.devices.pop()
-    if done.object_added:
-        try:
-            qmp.execute("object-del", {"id": IOMMUFD_ID})
-        except ExecuteError as e:
-            raise InfraError(f"QEMU refused object-del {IOMMUFD_ID}: {e}") from None
-        done.object_added = False
     done.unplug_seconds = time.monotonic() - start
+
+
+def _has_object(qmp: QmpChannel, object_id: str) -> bool:
+    """Whether /objects/<id> exists. The iommufd object stays for the VM's life once added:
+    deleting and re-adding it between plug cycles is not what users do, and was not reliable here."""
+    children = qmp.execute("qom-list", {"path": "/objects"})
+    return any(child.get("name") == object_id for child in children)
