@@ -60,13 +60,15 @@ def make_tree(root: Path, data: dict[str, Any]) -> None:
         for attr in ("vendor", "device", "class"):
             (dev / attr).write_text(f[attr] + "\n")
         (dev / "driver_override").write_text("(null)\n")
+        # Devices sit directly under bus/pci/devices here (sysfs links them from /sys/devices):
+        # the links are relative to that.
         if f["driver"]:
-            os.symlink(f"../../../bus/pci/drivers/{f['driver']}", dev / "driver")
+            os.symlink(f"../../drivers/{f['driver']}", dev / "driver")
         if f["group"]:
             group = root / "sys/kernel/iommu_groups" / f["group"] / "devices"
             group.mkdir(parents=True, exist_ok=True)
             os.symlink(f"../../../../devices/pci0000:00/{f['bdf']}", group / f["bdf"])
-            os.symlink(f"../../../kernel/iommu_groups/{f['group']}", dev / "iommu_group")
+            os.symlink(f"../../../../kernel/iommu_groups/{f['group']}", dev / "iommu_group")
 
 
 class KernelModel:
@@ -102,7 +104,7 @@ class KernelModel:
         return self.root / "sys/bus/pci/devices" / bdf
 
     def _bind(self, bdf: str, driver: str) -> None:
-        os.symlink(f"../../../bus/pci/drivers/{driver}", self._dev(bdf) / "driver")
+        os.symlink(f"../../drivers/{driver}", self._dev(bdf) / "driver")
         if driver == VFIO_DRIVER:
             group = self.link_name(f"sys/bus/pci/devices/{bdf}/iommu_group")
             (self.root / "dev/vfio").mkdir(parents=True, exist_ok=True)
@@ -311,3 +313,38 @@ def test_only_profiles_that_assign_get_a_guard(monkeypatch: pytest.MonkeyPatch, 
     assert g.bdfs == ["0000:41:00.0", "0000:41:00.1"] and g.wanted_params == [("vfio_pci", "disable_idle_d3", "Y")]
     # tio-emulated hot-plugs an emulated edu: nothing on the host to bind.
     assert hoststate.guard_for(apply_params(load_profile("tio-emulated"), {})).bdfs == []
+
+
+def test_host_state_command_lists_and_reports_what_it_could_not_put_back(tmp_path: Path) -> None:
+    """`harness host-state` end to end: a record left by a killed run, over a plain directory
+    tree (no kernel behind it, so the restore cannot take effect and must say so)."""
+    data = load("fake-epyc-lab.json")
+    root = tmp_path / "root"
+    make_tree(root, data)
+    model = KernelModel(root, data)
+    cache = tmp_path / "cache"
+    g = HostStateGuard(["0000:41:00.0"], sysfs=model, directory=cache / "host-state", timeout=1)
+    g.acquire()
+    path = next((cache / "host-state").glob("*.json"))
+    record = json.loads(path.read_text())
+    record.update(owner_pid=_dead_pid(), root=str(root))
+    path.write_text(json.dumps(record))
+    env = {**os.environ, "HARNESS_CACHE": str(cache)}
+
+    def host_state(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harness", "host-state", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    listed = host_state()
+    assert listed.returncode == 3, listed.stdout + listed.stderr
+    assert "(dead)" in listed.stdout and "0000:41:00.0: was driver nvme, driver_override none" in listed.stdout
+    assert "`harness host-state --restore` puts the host back" in listed.stdout
+    # The tree is files, not sysfs: writes land but the driver link never changes back.
+    restored = host_state("--restore", "--json")
+    assert restored.returncode == 3
+    problems = json.loads(restored.stdout)["held"][0]["restore"]["problems"]
+    assert problems and "0000:41:00.0: driver is vfio-pci after restore, was nvme" in problems[0]
+    assert path.exists(), "a record that could not be put back must stay"
+    # With the kernel model behind it, the same record comes back whole.
+    assert sweep(cache / "host-state", sysfs=model)[0].ok and not path.exists()
+    assert host_state().returncode == 0
