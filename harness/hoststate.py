@@ -44,6 +44,7 @@ from typing import Any, Protocol
 from harness.errors import BadInput, InfraError
 from harness.paths import atomic_write, cache_dir
 from harness.profiles import Profile
+from harness.sysfs import wait_until
 
 VFIO_DRIVER = "vfio-pci"
 STATE_DIR = "host-state"
@@ -306,12 +307,8 @@ class RestoreResult:
 
 
 def _wait(probe: Callable[[], bool], deadline: float, interval: float = 0.05) -> bool:
-    while True:
-        if probe():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
+    """wait_until() against an absolute deadline shared by several steps."""
+    return wait_until(probe, max(0.0, deadline - time.monotonic()), interval)
 
 
 def bind_vfio(sysfs: Sysfs, state: FunctionState, deadline: float) -> None:
