@@ -25,8 +25,11 @@ from typing import Any
 from harness import __version__
 from harness.diagnostics import REMOTE_CONFIG, Diagnostics, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
+from harness.hoststate import guard_for
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
+from harness.labhost import LabRequest, is_lab_host
+from harness.labhost import run as run_lab_host
 from harness.machine import die_with_parent
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
@@ -195,6 +198,11 @@ def run(req: RunRequest, argv: list[str]) -> int:
     start = time.monotonic()
     if req.target is not None:
         return _run_remote(req, argv, start)
+    if is_lab_host(load_profile(req.profile)):
+        return run_lab_host(LabRequest(
+            kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
+            pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout, timeout=req.timeout,
+            strict=req.strict, qemu_args=req.qemu_args), argv, req.dry_run, req.json)
     plan, caps = make_plan(req)
     if req.dry_run:
         report = dry_run_report(plan)
@@ -210,20 +218,25 @@ def run(req: RunRequest, argv: list[str]) -> int:
                 print(f"requested argv (capable host): {shlex.join(report['requested_argv'])}")
         return 0
     sweep_stale()
-    run_id = new_run_id(plan.kernel.release, plan.profile.name)
-    run_dir = req.results.resolve() / run_id
-    run_dir.mkdir(parents=True)
-    meta = _initial_meta(run_id, plan, caps, req, argv)
-    write_meta(run_dir, meta)
-    atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
-    atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
-    write_records(run_dir, [])
-    print(f"run {run_id}: kernel {plan.kernel.release}, profile {plan.profile.name}, "
-          f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
-    if plan.fell_back:
-        print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
-    _print_diagnostics(meta)
-    return _execute(req, run_dir, meta, start)
+    # Host functions the profile assigns go to vfio-pci before the run directory exists (a group
+    # holding a function not given is bad input), and come back however the run ends.
+    with guard_for(plan.profile, say=lambda text: print(text, flush=True)) as guard:
+        run_id = new_run_id(plan.kernel.release, plan.profile.name)
+        run_dir = req.results.resolve() / run_id
+        run_dir.mkdir(parents=True)
+        guard.attach(run_dir)
+        meta = _initial_meta(run_id, plan, caps, req, argv)
+        write_meta(run_dir, meta)
+        atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
+        atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
+        write_records(run_dir, [])
+        print(f"run {run_id}: kernel {plan.kernel.release}, profile {plan.profile.name}, "
+              f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
+        if plan.fell_back:
+            print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}",
+                  flush=True)
+        _print_diagnostics(meta)
+        return _execute(req, run_dir, meta, start)
 
 
 def _print_diagnostics(meta: dict[str, Any]) -> None:
