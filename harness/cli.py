@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="NIGHT",
                    help="merge shard trees (nightly-*/ directories) into --results instead of running")
 
+    p = sub.add_parser("host-state", help="host bindings harness runs hold (vfio-pci, driver_override, "
+                                          "module parameters), and putting them back")
+    p.add_argument("--restore", action="store_true",
+                   help="put back what runs that died (SIGKILL) left bound; runs still going keep theirs")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("reproduce", help="re-run a recorded run exactly")
     p.add_argument("result", type=Path, help="a results/<run-id> directory, or results/<run-id>/tests/<name>")
     p.add_argument("--results", type=Path, default=None, help="results root (default: beside RESULT)")
@@ -185,6 +191,10 @@ def _dispatch(argv: list[str]) -> int:
         return _compare(args)
     if args.command == "nightly":
         return _nightly(args)
+    if args.command == "host-state":
+        from harness.hoststate import report
+
+        return report(args.restore, args.json)
     return EXIT_BAD_INPUT
 
 
