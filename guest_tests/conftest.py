@@ -19,6 +19,16 @@ from harness.hoststate import RealSysfs
 from harness.pytest_plugin import RunInfo
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--vfio-dma-ops", type=int, default=24,
+                     help="dmastress operations per thread on an assigned NVMe (test_vfio; default 24)")
+
+
+@pytest.fixture(scope="session")
+def vfio_dma_ops(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("vfio_dma_ops"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def assignment(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Assignment | None]:
     plan = run_info.plan
@@ -32,5 +42,7 @@ def assignment(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[As
     try:
         yield done
     finally:
-        if not guest.closed:
-            unplug_all(qmp, guest, done)
+        # Normally test_vfio has unplugged them already. Bounded: when the run is being stopped
+        # (SIGTERM) the guest may still be busy with the interrupted test, and QEMU goes anyway.
+        if done.devices and not guest.closed:
+            unplug_all(qmp, guest, done, timeout=30)

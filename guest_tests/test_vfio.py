@@ -55,7 +55,7 @@ def test_assigned_edu_id_register_through_the_bar(assigned: Assignment, guest: G
             "Written 0x0BADCAFE; readback 0xF4523501"
 
 
-def test_assigned_nvme_dma_verifies(assigned: Assignment, guest: GuestChannel,
+def test_assigned_nvme_dma_verifies(assigned: Assignment, guest: GuestChannel, vfio_dma_ops: int,
                                     record_property: pytest.RecordProperty) -> None:
     disks = [a for a in assigned.devices if a.disk]
     if not disks:
@@ -64,7 +64,8 @@ def test_assigned_nvme_dma_verifies(assigned: Assignment, guest: GuestChannel,
         # Two threads, each over its own 16 MiB, 1 MiB transfers and ones that
         # cross pages, written and read back: at least 16 MiB through the guest's
         # DMA API, QEMU's vfio mapping and the host IOMMU.
-        result = guest.run(f"dmastress -d {item.disk} -t 2 -n 24 -s 1048576,4608 -r 16777216", timeout=300)
+        result = guest.run(f"dmastress -d {item.disk} -t 2 -n {vfio_dma_ops} -s 1048576,4608 -r 16777216",
+                           timeout=300 + vfio_dma_ops // 10)
         m = re.search(r"bytes=(\d+) corrupt=(\d+) errors=(\d+) seconds=([\d.]+) MBps=([\d.]+)", result.stdout)
         assert m, result.stdout[-400:] + result.stderr[-400:]
         assert result.exit_code == 0 and m.group(2) == "0" and m.group(3) == "0", result.stdout[-400:]
