@@ -24,7 +24,15 @@ import pytest
 
 from harness.errors import BadInput
 from harness.initramfs import build_initramfs
-from harness.labhost import LabHost, LabRequest, _kernel_arg, assignable, chosen_bdfs, make_lab_plan
+from harness.labhost import (
+    L2_BOOT_TIMEOUT,
+    LabHost,
+    LabRequest,
+    _kernel_arg,
+    assignable,
+    chosen_bdfs,
+    make_lab_plan,
+)
 from harness.paths import SAMPLE_KERNEL
 from harness.profiles import apply_params, load_profile
 from harness.tools import build_tools
@@ -140,8 +148,9 @@ def twin() -> Iterator[tuple[LabHost, Path, str]]:
 
 
 def _vfio(kernel: str, share: Path, bdfs: str, *extra: str) -> list[str]:
+    # L2 boots under KVM in an emulated L1: the boot deadline labhost gives its inner run.
     return ["run", "--profile", "vfio", "--kernel", kernel, "--param", f"host_bdf={bdfs}",
-            "--results", str(share), "--timeout", "600", *extra]
+            "--results", str(share), "--timeout", "600", "--boot-timeout", f"{L2_BOOT_TIMEOUT:g}", *extra]
 
 
 def test_probe_in_the_twin_runs_its_kvm_guest_and_sees_the_iommu(twin: tuple[LabHost, Path, str]) -> None:
@@ -243,7 +252,8 @@ def test_kvm_path_runs_the_emulated_suite_in_the_twin(twin: tuple[LabHost, Path,
     lab, share, kernel = twin
     out = share / "emulated"
     result = lab.harness(["run", "--profile", "emulated", "--kernel", kernel, "--results", str(out),
-                          "--timeout", "900"], timeout=INNER_TIMEOUT + 300, log=share / "emulated.log")
+                          "--timeout", "900", "--boot-timeout", f"{L2_BOOT_TIMEOUT:g}"],
+                         timeout=INNER_TIMEOUT + 300, log=share / "emulated.log")
     log = (share / "emulated.log").read_text()
     assert result.exit_code == 0, log[-3000:]
     [run_dir] = [p for p in out.iterdir() if (p / "meta.json").is_file()]
