@@ -68,6 +68,10 @@ def _dispatch(argv: list[str]) -> int:
         return _compare(args)
     if args.command == "nightly":
         return _nightly(args)
+    if args.command == "host-state":
+        from harness.hoststate import report
+
+        return report(args.restore, args.json)
     if args.command == "export":
         return _export(args)
     return EXIT_BAD_INPUT

@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
     p.add_argument("--json", action="store_true", help="print bisect.json at the end")
 
+    p = sub.add_parser("host-state", help="host bindings harness runs hold (vfio-pci, driver_override, "
+                                          "module parameters), and putting them back")
+    p.add_argument("--restore", action="store_true",
+                   help="put back what runs that died (SIGKILL) left bound; runs still going keep theirs")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("reproduce", help="re-run a recorded run exactly")
     p.add_argument("result", type=Path, help="a results/<run-id> directory, or results/<run-id>/tests/<name>")
     p.add_argument("--results", type=Path, default=None, help="results root (default: beside RESULT)")

@@ -173,10 +173,19 @@ def choose_profile(name: str, params: dict[str, str], caps: HostCaps) -> Profile
         return ProfileChoice(requested, requested, (), "runs")
     if requested.twin is None:
         return ProfileChoice(requested, requested, tuple(unmet), "cannot run")
-    twin, twin_unmet = prepare(requested.twin, params, caps, strict_params=False)
-    if twin_unmet:
-        return ProfileChoice(requested, twin, tuple(unmet + twin_unmet), "cannot run")
-    return ProfileChoice(requested, twin, tuple(unmet), "falls back")
+    # A twin that cannot run either hands over to its own twin: tio -> vfio (a host with an
+    # IOMMU and vfio-pci but no SNP) -> tio-emulated (neither).
+    reasons, seen = list(unmet), {name}
+    name_next: str | None = requested.twin
+    twin = requested
+    while name_next is not None and name_next not in seen:
+        seen.add(name_next)
+        twin, twin_unmet = prepare(name_next, params, caps, strict_params=False)
+        if not twin_unmet:
+            return ProfileChoice(requested, twin, tuple(reasons), "falls back")
+        reasons += [f"twin {twin.name}: {r}" for r in twin_unmet if r not in reasons]
+        name_next = twin.twin
+    return ProfileChoice(requested, twin, tuple(reasons), "cannot run")
 
 
 def plan_profile(name: str, params: dict[str, str], caps: HostCaps, strict: bool, force: bool) -> ProfileChoice:
@@ -191,6 +200,9 @@ def plan_profile(name: str, params: dict[str, str], caps: HostCaps, strict: bool
         raise InfraError(f"profile {name} cannot run on this host (--strict): {missing}")
     if choice.verdict == "cannot run":
         raise InfraError(f"profile {name} cannot run on this host and has no runnable twin: {missing}")
+    twin = choice.effective
+    if twin.param("host_bdf") == "" and any(d.startswith("vfio-pci,") for d in twin.hotplug):
+        raise BadInput(f"profile {name} falls back to {twin.name}, which needs --param host_bdf=<domain:bus:dev.fn>")
     return choice
 
 

@@ -29,8 +29,11 @@ from typing import Any, Protocol
 
 from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
+from harness.hoststate import guard_for
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
+from harness.labhost import LabRequest, is_lab_host
+from harness.labhost import run as run_lab_host
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
@@ -248,26 +251,36 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
         _results_root(req)  # a bad --results is named before any build or boot
     if req.target is not None:
         return _run_remote(req, argv, start, launch)
+    if is_lab_host(load_profile(req.profile)):
+        return run_lab_host(LabRequest(
+            kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
+            pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout, timeout=req.timeout,
+            strict=req.strict, qemu_args=req.qemu_args), argv, req.dry_run, req.json)
     plan, caps = make_plan(req, prober)
     if req.dry_run:
         _print_dry_run(plan, req.json)
         return 0
     sweep_stale()
-    run_id = new_run_id(plan.kernel.release, plan.profile.name)
-    run_dir = _results_root(req) / run_id
-    record = _start_record(run_id, plan, caps, req, argv)
-    with _creating(run_dir):
-        write_run(run_dir, record)
-        atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
-        atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
-        write_records(run_dir, [])
-    print(f"run {run_id}: kernel {req.label or plan.kernel.identity.name()} ({plan.kernel.identity.short_key}), "
-          f"profile {plan.profile.name}, "
-          f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
-    if plan.fell_back:
-        print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}", flush=True)
-    print_diagnostics(plan.diagnostics)
-    return _execute(req, run_dir, record, start, launch)
+    # Host functions the profile assigns go to vfio-pci before the run directory exists (a group
+    # holding a function not given is bad input), and come back however the run ends.
+    with guard_for(plan.profile, say=lambda text: print(text, flush=True)) as guard:
+        run_id = new_run_id(plan.kernel.release, plan.profile.name)
+        run_dir = _results_root(req) / run_id
+        record = _start_record(run_id, plan, caps, req, argv)
+        with _creating(run_dir):
+            guard.attach(run_dir)
+            write_run(run_dir, record)
+            atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
+            atomic_write(run_dir / "reproduce.sh", _reproduce_script(run_dir), mode=0o755)
+            write_records(run_dir, [])
+        print(f"run {run_id}: kernel {req.label or plan.kernel.identity.name()} "
+              f"({plan.kernel.identity.short_key}), profile {plan.profile.name}, "
+              f"accel {plan.accel} ({plan.accel_reason}), channel {plan.channel}", flush=True)
+        if plan.fell_back:
+            print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}",
+                  flush=True)
+        print_diagnostics(plan.diagnostics)
+        return _execute(req, run_dir, record, start, launch)
 
 
 def _print_dry_run(plan: LaunchPlan, as_json: bool) -> None:

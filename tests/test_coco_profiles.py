@@ -76,7 +76,8 @@ def test_plain_host_falls_back_for_every_coco_profile(tmp_path: Path) -> None:
     for name in COCO:
         choice = choose_profile(name, {}, caps)
         assert choice.verdict == "falls back", name
-        assert choice.effective.name == load_profile(name).twin
+        # tio's twin (vfio) needs an IOMMU too: its own twin runs.
+        assert choice.effective.name == ("tio-emulated" if name == "tio" else load_profile(name).twin)
         assert any(r.startswith("kvm unusable") for r in choice.reasons)
 
 
@@ -106,6 +107,18 @@ def test_strict_and_force(tmp_path: Path) -> None:
         plan_profile("snp", {}, caps, strict=True, force=False)
     forced = plan_profile("snp", {}, caps, strict=False, force=True)
     assert forced.effective.name == "snp" and forced.reasons
+
+
+def test_tio_on_an_iommu_host_without_snp_falls_back_to_vfio_naming_only_what_is_missing(tmp_path: Path) -> None:
+    files = {"sys/class/iommu/dmar0/x": "", "sys/kernel/iommu_groups/3/devices/x": "",
+             "sys/bus/pci/drivers/vfio-pci/bind": ""}
+    caps = host(tmp_path, files, tio=None)
+    choice = choose_profile("tio", {"host_bdf": "0000:00:10.0"}, caps)
+    assert (choice.verdict, choice.effective.name) == ("falls back", "vfio")
+    assert [r.split(":")[0] for r in choice.reasons] == ["sev_snp", "vfio-pci TIO property"]
+    assert choice.effective.hotplug == ("vfio-pci,host=0000:00:10.0,id=vfio0,bus=hp4",)
+    with pytest.raises(BadInput, match="falls back to vfio, which needs --param host_bdf"):
+        plan_profile("tio", {}, caps, strict=False, force=False)
 
 
 def test_tio_on_a_capable_host_needs_the_host_bdf(tmp_path: Path) -> None:

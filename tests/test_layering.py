@@ -38,13 +38,13 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("build", ("build", "identity", "kernel", "tools", "initramfs")),
     ("checks", ("dmesg", "diagnostics")),
     ("plan", ("profiles", "probe", "plan")),
-    ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug")),
+    ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug", "hoststate", "assign")),
     ("machine", ("console", "machine", "console_tty", "qemu_check")),
     ("run directory", ("results", "rundir", "verdict")),
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.
     ("orchestration", ("cli", "cli_args", "__main__", "runner", "nightly", "reproduce", "pytest_plugin",
-                       "probe_report", "bisect", "bisect_git", "bisect_step", "bisect_record")),
+                       "probe_report", "bisect", "bisect_git", "bisect_step", "bisect_record", "labhost")),
 )
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 
