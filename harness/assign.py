@@ -1,6 +1,6 @@
 """Hot-plugging host functions into the guest as vfio-pci (the vfio profile's workflow).
 
-The guest boots without the devices (seed 001: cold-plugging fails for TIO,
+The guest boots without the devices (the SEV-TIO RFC: cold-plugging fails for TIO,
 and a run that assigns after boot is the workflow people use). For each
 function in `host_bdf` the guest tests then:
 
