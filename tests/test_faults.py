@@ -116,3 +116,23 @@ def test_a_results_disk_full_before_the_run_is_one_line_exit_3_and_nothing_left(
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == f"harness: results directory {full}: No space left on device"
         assert sorted(p.name for p in full.iterdir()) == ["filler"]
+
+
+def test_qemu_stopped_from_outside_is_infrastructure_at_the_command_deadline(cli: Cli) -> None:
+    """SIGSTOP: QEMU neither runs nor exits. The next command waits out its deadline
+    (the profile's 60 s), and the verdict names the stopped QEMU, not the kernel."""
+    proc = subprocess.Popen(cli.argv("run", "--results", str(cli.results), "-k", "test_boot"), env=cli.env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not _booted(cli.results):
+        assert time.monotonic() < deadline and proc.poll() is None, "the guest never booted"
+        time.sleep(0.05)
+    pid = _qemu_pid(cli)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 3, out[-2000:] + err[-2000:]
+    records = json.loads((cli.only_run() / "tests.json").read_text())
+    assert not [r for r in records if r["status"] == "failed"], records
+    assert any("QEMU is stopped (SIGSTOP from outside the harness)" in r["message"] for r in records), records
