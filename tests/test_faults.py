@@ -39,14 +39,20 @@ def _booted(results: Path) -> bool:
     return False
 
 
-def test_qemu_killed_from_outside_is_infrastructure_not_a_kernel_failure(cli: Cli) -> None:
-    proc = subprocess.Popen(cli.argv("run", "--results", str(cli.results), "-k", "dma_stress"), env=cli.env(),
+def _run_until_booted(cli: Cli, selection: str) -> subprocess.Popen[str]:
+    """`harness run -k SELECTION` in the background, returned once its guest has booted."""
+    proc = subprocess.Popen(cli.argv("run", "--results", str(cli.results), "-k", selection), env=cli.env(),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not _booted(cli.results):
         assert time.monotonic() < deadline and proc.poll() is None, "the guest never booted"
-        time.sleep(0.1)
+        time.sleep(0.05)
+    return proc
+
+
+def test_qemu_killed_from_outside_is_infrastructure_not_a_kernel_failure(cli: Cli) -> None:
+    proc = _run_until_booted(cli, "dma_stress")
     time.sleep(1.0)  # into the first DMA test
     pid = _qemu_pid(cli)
     assert pid is not None
@@ -121,13 +127,7 @@ def test_a_results_disk_full_before_the_run_is_one_line_exit_3_and_nothing_left(
 def test_qemu_stopped_from_outside_is_infrastructure_at_the_command_deadline(cli: Cli) -> None:
     """SIGSTOP: QEMU neither runs nor exits. The next command waits out its deadline
     (the profile's 60 s), and the verdict names the stopped QEMU, not the kernel."""
-    proc = subprocess.Popen(cli.argv("run", "--results", str(cli.results), "-k", "test_boot"), env=cli.env(),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while not _booted(cli.results):
-        assert time.monotonic() < deadline and proc.poll() is None, "the guest never booted"
-        time.sleep(0.05)
+    proc = _run_until_booted(cli, "test_boot")
     pid = _qemu_pid(cli)
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
