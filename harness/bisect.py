@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -230,7 +231,8 @@ class _Series:
         if prefix == 0:
             return Target("(base, no patches)", index=0, total=len(self.patches))
         patch = self.patches[prefix - 1]
-        return Target(patch.subject, index=prefix, total=len(self.patches), file=patch.path)
+        # A quilt series file may name patches through "..": the file as people would write it.
+        return Target(patch.subject, index=prefix, total=len(self.patches), file=os.path.normpath(patch.path))
 
     def describe(self, record: BisectRecord) -> None:
         record.patches = [self.target(i) for i in range(1, len(self.patches) + 1)]
