@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from harness.bisect_record import (
     BisectRecord,
@@ -61,6 +64,69 @@ def spec_request(path: Path, options: BisectRequest) -> BisectRequest:
             for key in RANGE_KEYS}
     return replace(options, source=spec.source, series=spec.series, configs=spec.configs, good=ends["good"],
                    bad=ends["bad"])
+
+
+def bisect_command(kernel: str, profile: str, append: str = "", params: Mapping[str, str] | None = None,
+                   pytest_args: Sequence[str] = ()) -> str | None:
+    """The `harness bisect` command line for a kernel that went red, when it is a build
+    spec with a series; None for anything else (a bzImage, a Debian package: nothing to bisect)."""
+    path = Path(kernel)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return None
+    try:
+        if not load_spec(path).series:
+            return None
+    except BadInput:
+        return None
+    argv = ["harness", "bisect", kernel, "--profile", profile]
+    argv += ["--append", append] if append else []
+    for key, value in (params or {}).items():
+        argv += ["--param", f"{key}={value}"]
+    args = list(pytest_args)
+    argv += args if len(args) == 2 and args[0] == "-k" else ["--", *args] if args else []
+    return shlex.join(argv)
+
+
+class NightEntry(Protocol):
+    """What `bisect_hints` reads of a nightly entry (harness.nightly.Entry)."""
+
+    name: str
+    kernel: str
+    profile: str
+    append: str
+    params: dict[str, str]
+    pytest_args: list[str]
+
+
+def bisect_hints(night: Path, failed: list[str], entries: Sequence[NightEntry]) -> list[str]:
+    """For each entry of a night whose kernel failed a test (`failed`: entry names) but not
+    the last time an earlier night beside it ran that entry (a new regression), the
+    `harness bisect` command for its kernel spec and suite; none for kernels that are not
+    build specs with a series. Lines for the night's summary; none when nothing is new."""
+    by_name = {e.name: e for e in entries}
+    lines = []
+    for name in dict.fromkeys(failed):
+        entry = by_name.get(name)
+        if entry is None or _last_exit_code(night, name) == EXIT_KERNEL:
+            continue
+        command = bisect_command(entry.kernel, entry.profile, entry.append, entry.params, entry.pytest_args)
+        if command:
+            lines.append(f"  {name}: {command}")
+    return ["new regressions, to bisect:", *lines] if lines else []
+
+
+def _last_exit_code(night: Path, entry: str) -> int | None:
+    """The entry's exit code in the newest earlier night beside `night` (its nightly.json) that ran it."""
+    for earlier in sorted((p for p in night.parent.glob("nightly-*") if p.name < night.name), reverse=True):
+        try:
+            done = json.loads((earlier / "nightly.json").read_text()).get("outcomes", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        codes = [o["exit_code"] for o in done if isinstance(o, dict) and o.get("entry") == entry
+                 and isinstance(o.get("exit_code"), int)]
+        if codes:
+            return EXIT_KERNEL if EXIT_KERNEL in codes else int(codes[-1])
+    return None
 
 
 def next_prefix(good: int, bad: int, skipped: set[int]) -> int | None:
@@ -230,7 +296,8 @@ class _Series:
         if prefix == 0:
             return Target("(base, no patches)", index=0, total=len(self.patches))
         patch = self.patches[prefix - 1]
-        return Target(patch.subject, index=prefix, total=len(self.patches), file=patch.path)
+        # A quilt series file may name patches through "..": the file as people would write it.
+        return Target(patch.subject, index=prefix, total=len(self.patches), file=os.path.normpath(patch.path))
 
     def describe(self, record: BisectRecord) -> None:
         record.patches = [self.target(i) for i in range(1, len(self.patches) + 1)]

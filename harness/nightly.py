@@ -340,6 +340,12 @@ def run_nightly(matrix: Path, results: Path, shard_spec: str | None, jobs: int) 
         futures = [pool.submit(_run_entry, e, r, retries, night, progress) for e, r in work]
         outcomes = [f.result() for f in futures]
     code = write_report(night, outcomes, extra)
+    from harness.bisect import bisect_hints
+
+    hints = bisect_hints(night, [o.entry for o in outcomes if o.exit_code == EXIT_KERNEL], mine)
+    with open(night / "summary.txt", "a") as f:
+        f.write("".join(f"{line}
+" for line in hints))
     print((night / "summary.txt").read_text(), end="")
     print(f"nightly exit {code}; junit {night / 'junit.xml'}")
     return night, code

@@ -344,3 +344,36 @@ def test_git_bisect_run_skips_what_does_not_build_and_names_the_first_bad(tmp_pa
     first, candidates = first_bad_of(proc.stdout.splitlines())
     assert first is None and sorted(candidates) == sorted([commits[2], commits[3]]), proc.stdout
 
+
+# -- harness nightly names the bisect for a new regression -----------------------------
+
+
+def test_nightly_names_the_bisect_command_for_each_new_regression(tmp_path: Path) -> None:
+    from harness.bisect import bisect_hints
+    from harness.nightly import Entry
+
+    spec = tmp_path / "my-series.yaml"
+    spec.write_text(f"source: {TREE}\nseries: {FAKE / 'series' / 'sample'}\nconfigs: [{SAMPLE_CONFIG}]\n")
+    plain = tmp_path / "no-series.yaml"
+    plain.write_text(f"source: {TREE}\n")
+    entries = [Entry("new", str(spec), "coco-emulated", "dma", ["-k", "test_dma"], 900, append="swiotlb=4096",
+                     params={"smp": "2"}),
+               Entry("old", str(spec), "emulated", "boot", ["-k", "boot", "-x"], 900),
+               Entry("debian", "debian:linux-image-cloud-amd64", "emulated", "boot", [], 900),
+               Entry("no-series", str(plain), "emulated", "boot", [], 900),
+               Entry("passing", str(spec), "snp", "boot", [], 900)]
+
+    earlier = tmp_path / "nightly-20261120-010000"
+    earlier.mkdir()
+    (earlier / "nightly.json").write_text(json.dumps({"outcomes": [
+        {"entry": "old", "exit_code": 1}, {"entry": "new", "exit_code": 0}]}))
+    night = tmp_path / "nightly-20261121-010000"
+    night.mkdir()
+    hints = bisect_hints(night, [e.name for e in entries if e.name != "passing"], entries)
+    assert hints == ["new regressions, to bisect:",
+                     f"  new: harness bisect {spec} --profile coco-emulated --append swiotlb=4096 --param smp=2 "
+                     "-k test_dma"]
+    # With no earlier night, every failure is new.
+    shutil.rmtree(earlier)
+    assert hints[1:] + [f"  old: harness bisect {spec} --profile emulated -- -k boot -x"] == bisect_hints(
+        night, ["new", "old", "new"], entries)[1:]

@@ -36,6 +36,7 @@ BUILD_BREAK = SERIES / "bisect-build-break"
 DMA_TEST = "test_dma_bounces_through_swiotlb"
 SELECTION = ("--profile", "coco-emulated", "-k", DMA_TEST)
 FAULT = "swiotlb: skip the high-water update for single-slot mappings"
+FAULT_PATCH = FAULT_AT_3 / "0003-swiotlb-skip-the-high-water-update-for-single-slot-m.patch"
 needs_source = pytest.mark.skipif(not TARBALL.exists(), reason=f"{TARBALL} missing: bin/setup installs it")
 
 
@@ -63,7 +64,7 @@ def test_a_runtime_fault_only_a_guest_test_sees_is_bisected_to_patch_3(cli: Cli)
     assert [s["verdict"] for s in data["steps"]] == ["good", "bad", "good", "bad"]
     first = data["first_bad"]
     assert (first["index"], first["subject"]) == (3, FAULT)
-    assert first["file"] == str(FAULT_AT_3 / "0003-swiotlb-skip-the-high-water-update-for-single-slot-m.patch")
+    assert first["file"] == str(FAULT_PATCH)
     assert data["last_good"]["index"] == 2
     (failure,) = data["failing_tests"]
     assert failure["test"].endswith(f"::{DMA_TEST}") and "DMA did not go through the swiotlb pool" in failure["message"]
@@ -94,6 +95,7 @@ def test_a_build_break_in_the_middle_is_skipped_and_the_culprit_still_found(cli:
     assert any("nr_debugfs_pools" in e and "undeclared" in e for e in broken["build"]["errors"])
     assert Path(broken["build"]["log"]).is_file()
     assert (data["first_bad"]["index"], data["first_bad"]["subject"]) == (4, FAULT)
+    assert data["first_bad"]["file"] == str(FAULT_PATCH)   # named through "../" by the series file
     assert data["last_good"]["index"] == 3
     line = step_lines(proc.stderr)[2]
     assert line.startswith("step 3/~5: patch 2/5 'swiotlb: count the pools that get debugfs files': build FAILED in ")
