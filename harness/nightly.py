@@ -344,8 +344,7 @@ def run_nightly(matrix: Path, results: Path, shard_spec: str | None, jobs: int) 
 
     hints = bisect_hints(night, [o.entry for o in outcomes if o.exit_code == EXIT_KERNEL], mine)
     with open(night / "summary.txt", "a") as f:
-        f.write("".join(f"{line}
-" for line in hints))
+        f.write("".join(f"{line}\n" for line in hints))
     print((night / "summary.txt").read_text(), end="")
     print(f"nightly exit {code}; junit {night / 'junit.xml'}")
     return night, code
