@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness.assign import Assignment, assigned_bdfs, plug_all, unplug_all
-from harness.hoststate import RealSysfs
+from harness.hostpci import RealSysfs
 from harness.pytest_plugin import RunInfo
 
 

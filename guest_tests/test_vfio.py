@@ -16,7 +16,7 @@ import pytest
 
 from harness.assign import Assignment, unplug_all
 from harness.guest import GuestChannel
-from harness.hoststate import VFIO_DRIVER, inspect
+from harness.hostpci import VFIO_DRIVER, inspect
 from harness.pytest_plugin import RunInfo
 from harness.qmp import QmpChannel
 from harness.sysfs import find_pci, path_exists

@@ -27,7 +27,7 @@ from qemu.qmp import ExecuteError
 
 from harness.errors import BadInput, InfraError
 from harness.guest import GuestChannel
-from harness.hoststate import PCI_DEVICES, RealSysfs, Sysfs, inspect, parse_bdfs, vfio_nodes
+from harness.hostpci import PCI_DEVICES, RealSysfs, Sysfs, inspect, parse_bdfs, vfio_nodes
 from harness.hotplug import HotplugFailure, Plugged, plug, unplug
 from harness.profiles import Profile
 from harness.qmp import QmpChannel

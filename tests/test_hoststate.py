@@ -24,19 +24,16 @@ import pytest
 
 from harness import hoststate
 from harness.errors import BadInput, InfraError
-from harness.hoststate import (
+from harness.hostpci import (
     VFIO_DRIVER,
-    HostStateGuard,
     RealSysfs,
     check_groups,
-    held,
     inspect,
     normalise_bdf,
     parse_bdfs,
     parse_module_params,
-    report,
-    sweep,
 )
+from harness.hoststate import HostStateGuard, held, report, sweep
 from harness.profiles import apply_params, load_profile
 
 DATA = Path(__file__).parent / "data" / "hoststate"

@@ -38,7 +38,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("build", ("build", "identity", "kernel", "tools", "initramfs")),
     ("checks", ("dmesg", "diagnostics")),
     ("plan", ("profiles", "probe", "plan")),
-    ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug", "hoststate", "assign")),
+    ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug", "hostpci", "hoststate", "assign")),
     ("machine", ("console", "machine", "console_tty", "qemu_check")),
     ("run directory", ("results", "rundir", "verdict")),
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
