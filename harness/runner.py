@@ -32,8 +32,8 @@ from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Ter
 from harness.hoststate import guard_for
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
-from harness.labhost import LabRequest, is_lab_host
 from harness.labhost import run as run_lab_host
+from harness.labplan import LabRequest, is_lab_host
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host

@@ -24,15 +24,8 @@ import pytest
 
 from harness.errors import BadInput
 from harness.initramfs import build_initramfs
-from harness.labhost import (
-    L2_BOOT_TIMEOUT,
-    LabHost,
-    LabRequest,
-    _kernel_arg,
-    assignable,
-    chosen_bdfs,
-    make_lab_plan,
-)
+from harness.labhost import LabHost
+from harness.labplan import L2_BOOT_TIMEOUT, LabRequest, _kernel_arg, assignable, chosen_bdfs, make_lab_plan
 from harness.paths import SAMPLE_KERNEL
 from harness.profiles import apply_params, load_profile
 from harness.tools import build_tools
