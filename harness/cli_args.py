@@ -74,6 +74,13 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                    help="launch the requested profile even where the probe says the host lacks what it needs")
 
 
+def _add_build_inputs(p: argparse.ArgumentParser, source: str, series: str, fragments: str) -> None:
+    p.add_argument("--source", help=source)
+    p.add_argument("--series", help=series)
+    p.add_argument("--config", action="append", default=[], metavar="FRAGMENT",
+                   help=f"config fragment from kconfigs/ by name, or a path; repeatable, {fragments}")
+
+
 def _add_kcidb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--origin", default=None, metavar="NAME",
                    help="KCIDB origin: the CI system's name, prefix of every id (default coco_harness)")
@@ -119,10 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a kernel: source + patch series + config fragments, cached")
     p.add_argument("specs", nargs="*", type=Path, metavar="SPEC.yaml",
                    help="build spec files {source, series, configs}")
-    p.add_argument("--source", help="kernel tarball, git work tree[@ref] or unpacked tree")
-    p.add_argument("--series", help="mbox, directory of *.patch (quilt series file honoured), or a message-id (b4)")
-    p.add_argument("--config", action="append", default=[], metavar="FRAGMENT",
-                   help="config fragment from kconfigs/ by name, or a path; repeatable, merged in order")
+    _add_build_inputs(p, "kernel tarball, git work tree[@ref] or unpacked tree",
+                      "mbox, directory of *.patch (quilt series file honoured), or a message-id (b4)",
+                      "merged in order")
     p.add_argument("--per-patch", action="store_true", help="build after each patch; report build/warnings per patch")
     p.add_argument("--allow-dropped", action="store_true", help="build even if requested options did not survive")
     p.add_argument("--json", action="store_true")
@@ -166,10 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "128+N: a signal.")
     p.add_argument("spec", nargs="?", type=Path, metavar="SPEC.yaml",
                    help="build spec {source, series, configs}, or {source, configs, good, bad} for a git range")
-    p.add_argument("--source", help="kernel tarball, tree or git repository (with --good/--bad: its history)")
-    p.add_argument("--series", help="the series to bisect: mbox, directory of *.patch (quilt series file honoured)")
-    p.add_argument("--config", action="append", default=[], metavar="FRAGMENT",
-                   help="config fragment from kconfigs/ by name, or a path; repeatable (default base)")
+    _add_build_inputs(p, "kernel tarball, tree or git repository (with --good/--bad: its history)",
+                      "the series to bisect: mbox, directory of *.patch (quilt series file honoured)",
+                      "default base")
     p.add_argument("--good", metavar="COMMIT", help="with --bad: bisect this git range with git bisect run")
     p.add_argument("--bad", metavar="COMMIT", help="the first commit known to fail")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"QEMU profile (default {DEFAULT_PROFILE})")
