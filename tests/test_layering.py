@@ -21,6 +21,7 @@ two differences, both because an owner imports its parts:
 The run's event log (`events`) is in the base: every later stage stamps events
 into it as they happen (the console reader, the QMP channel, the machine, the
 pytest plugin, the runner), and it needs nothing but the standard library.
+Reading it back into a timeline (`timeline`) belongs to the run directory.
 
 Every import counts: at the top, inside a function (lazy), under TYPE_CHECKING.
 A new module must be given a stage here.
@@ -44,7 +45,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("plan", ("profiles", "probe", "plan")),
     ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug", "hoststate", "assign")),
     ("machine", ("console", "machine", "console_tty", "qemu_check")),
-    ("run directory", ("results", "rundir", "verdict")),
+    ("run directory", ("results", "rundir", "verdict", "timeline")),
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.
     ("orchestration", ("cli", "cli_args", "__main__", "runner", "nightly", "reproduce", "pytest_plugin",
