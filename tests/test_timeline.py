@@ -16,10 +16,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harness.compare import compare, load_run
 from harness.console import Console
 from harness.events import EVENTS, Event, EventLog, Source, read_events
 from harness.paths import SAMPLE_KERNEL
 from harness.probe.kmsg import HostKernelLog, HostLogWindow, parse_kmsg
+from harness.report import render_html
 from harness.timeline import GUEST_WINDOW, build, guest_clocks, host_events, load, printk_time, render_text
 from tests.conftest import REPO, Cli, meta
 
@@ -290,6 +292,21 @@ def test_the_real_host_log_reads_without_blocking() -> None:
     # Here (root) it is readable; elsewhere it must say why not.
     assert window.note is None if os.access("/dev/kmsg", os.R_OK) else window.note
     assert abs(window.wall_minus_mono - (time.time() - time.clock_gettime(time.CLOCK_MONOTONIC))) < 0.01
+
+
+# -- the HTML report ------------------------------------------------------------------------------
+
+def test_compare_page_has_each_runs_timeline_collapsed(tmp_path: Path) -> None:
+    from tests.test_compare import fake_run
+
+    run = fake_run(tmp_path, "r1", "6.12", {"t.py::a": "passed"}, 2.0, "2027-01-15T08:00:00")
+    log = EventLog(run / EVENTS, "main")
+    log.write(HOTPLUG)
+    log.close()
+    fake_run(tmp_path, "r2", "6.12", {"t.py::a": "passed"}, 2.0, "2027-01-15T09:00:00")  # no event log
+    page = render_html(compare([load_run(tmp_path / "r1"), load_run(tmp_path / "r2")]))
+    assert page.count('<details class="timeline">') == 1
+    assert "-&gt; device_add driver=edu id=tio0 bus=hp0" in page and "<script" not in page
 
 
 # -- a real run -----------------------------------------------------------------------------------
