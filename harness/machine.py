@@ -404,8 +404,10 @@ class Machine:
             self.qemu.stop(term_wait=None)
             if not self._exit_noted:
                 self._exit_noted = True
-                self._step("qemu-exited", f"QEMU gone (exit status {self.qemu.returncode})",
-                           {"status": self.qemu.returncode})
+                status = self.qemu.returncode
+                how = (f"killed by {signal.Signals(-status).name}" if status is not None and status < 0
+                       else f"exit status {status}")
+                self._step("qemu-exited", f"QEMU gone ({how})", {"status": status})
         for part in (self.guest, self.agent, self.console):
             if part is not None:
                 part.close()

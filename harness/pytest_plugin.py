@@ -359,8 +359,8 @@ class TestStamper:
         before = self._status.get(report.nodeid, ("passed", ""))
         # As the Recorder: the first non-pass outcome decides.
         if status != "passed" and before[0] == "passed":
-            self._status[report.nodeid] = (status, _message(report).strip().splitlines()[0][:200]
-                                           if _message(report).strip() else "")
+            message = _message(report).strip()
+            self._status[report.nodeid] = (status, message.splitlines()[0][:200] if message else "")
         self._seconds[report.nodeid] = self._seconds.get(report.nodeid, 0.0) + report.duration
         if report.when != "teardown":
             return
