@@ -12,11 +12,13 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.dmesg import default_rules
+from harness.events import Event, EventLog, Source
 
 # The dmesg rules that end a boot at once: the same patterns the engine uses.
 _FATAL = tuple((r.id, r.pattern) for r in default_rules() if r.id in ("panic", "oops"))
@@ -65,8 +67,10 @@ class Console:
     """The console socket QEMU connected to, read by one thread of its own.
 
     Every byte is teed raw to the log (and to `sink`, a terminal) before it is
-    split into lines and fed to a BootScanner. `close()` stops and joins the
-    reader.
+    split into lines and fed to a BootScanner. With `events`, each line also goes
+    to the run's event log stamped with the host time its first byte arrived
+    (the guest's printk time, if it has one, is in the text; harness/timeline.py
+    maps one onto the other). `close()` stops and joins the reader.
 
     The socket is drained from the start, whether or not anyone is waiting on
     the boot: once its buffer is full QEMU stops taking bytes from the emulated
@@ -74,10 +78,12 @@ class Console:
     prints a lot would crawl to the deadline with nobody reading.
     """
 
-    def __init__(self, sock: socket.socket, log: Path, sink: Callable[[bytes], None] | None = None) -> None:
+    def __init__(self, sock: socket.socket, log: Path, sink: Callable[[bytes], None] | None = None,
+                 events: EventLog | None = None) -> None:
         self._sock = sock
         self._log = log
         self._sink = sink
+        self._events = events
         self._lines: list[str] = []
         self._bytes = 0
         self._lock = threading.Lock()
@@ -124,6 +130,7 @@ class Console:
 
     def _read(self) -> None:
         pending = b""
+        pending_since: tuple[float, float] | None = None   # when the unfinished line's first byte came
         try:
             log = open(self._log, "ab", buffering=0)
         except OSError as e:
@@ -137,6 +144,7 @@ class Console:
                     data = b""
                 if not data:
                     break
+                arrived = (time.time(), time.monotonic())
                 # Tee first, parse second: the raw bytes are on disk before any
                 # decision is taken on them. A full or read-only results disk must
                 # not stop the draining (QEMU would block on the socket and the
@@ -148,10 +156,27 @@ class Console:
                         self.log_error = f"{self._log}: {e.strerror} (console log cut here)"
                 if self._sink is not None:
                     self._sink(data)
-                lines, pending = split_lines(pending + data)
+                lines, rest = split_lines(pending + data)
+                self._stamp(lines, pending_since or arrived, arrived)
+                if rest:
+                    pending_since = (pending_since or arrived) if not lines else arrived
+                else:
+                    pending_since = None
+                pending = rest
                 self._add(lines, len(data))
         if pending:
-            self._add([pending.decode("utf-8", "replace")], 0)
+            last = [pending.decode("utf-8", "replace")]
+            self._stamp(last, pending_since or (time.time(), time.monotonic()), None)
+            self._add(last, 0)
+
+    def _stamp(self, lines: list[str], first: tuple[float, float], rest: tuple[float, float] | None) -> None:
+        """Console events for `lines`: the first began at `first`, the others in the chunk that came at `rest`."""
+        if self._events is None or not lines:
+            return
+        worker = self._events.worker
+        stamps = [first] + [rest or first] * (len(lines) - 1)
+        self._events.write(Event(t, Source.GUEST, "console", line, worker, mono)
+                           for line, (t, mono) in zip(lines, stamps, strict=True))
 
     def _add(self, lines: list[str], size: int) -> None:
         with self._lock:

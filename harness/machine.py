@@ -19,6 +19,10 @@ own one thing: `SocketDir` the directory, its listeners and scratch images,
 reader thread, the channel factory (`harness.ssh`) the guest channel's set-up;
 `qmp_handshake` ends the start-up, `wait_for_agent` is the boot wait, and
 `boot_error` and `boot_timeout` are its verdicts.
+
+With an event log (harness/events.py), the machine's steps go there as they
+happen (QEMU started, boot detected or failed, shutdown, QEMU's exit), and the
+console and QMP write their own lines to it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from types import TracebackType
 
 from harness.console import Console
 from harness.errors import BootFailure, GuestUnreachable, HarnessError, InfraError, QemuStartError
+from harness.events import EventLog, Source
 from harness.guest import AgentSession, ChannelFactory, GuestChannel
 from harness.plan import LaunchPlan
 from harness.process import die_with_parent, stop_group
@@ -241,8 +246,10 @@ class Machine:
     """One QEMU guest from launch to shutdown (see the module docstring for the phases)."""
 
     def __init__(self, plan: LaunchPlan, logdir: Path, name: str = "harness", sock_parent: Path | None = None,
-                 console_log: str = "console.log", console_sink: Callable[[bytes], None] | None = None) -> None:
+                 console_log: str = "console.log", console_sink: Callable[[bytes], None] | None = None,
+                 events: EventLog | None = None) -> None:
         self.plan = plan
+        self.events = events
         self.name = name
         self.logdir = logdir
         self.console_path = logdir / console_log
@@ -260,6 +267,7 @@ class Machine:
         self.boot_seconds: float | None = None
         self.exit_status: int | None = None
         self.shutdown_notes: list[str] = []   # what went wrong on the way down (a failed QMP quit)
+        self._exit_noted = False
 
     @property
     def sock_dir(self) -> Path | None:
@@ -294,7 +302,7 @@ class Machine:
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._sockets = sockets = SocketDir(self.name, self._sock_parent)
         sockets.listen("console.sock", "channel.sock")
-        self.qmp = QmpChannel(self.name)
+        self.qmp = QmpChannel(self.name, self.events)
         self.qmp.start_server(str(sockets.path / "qmp.sock"))
         sockets.scratch_disks(self.plan.profile.scratch_disks)
         self.channels = channel_factory(self.plan.channel, sockets.path)
@@ -305,13 +313,15 @@ class Machine:
     def _launch(self) -> None:
         self.launched_at = time.monotonic()
         self.qemu = QemuProcess(self.argv, self.logdir / f"qemu-{self.name}.log")
+        self._step("qemu-started", f"QEMU started (pid {self.qemu.popen.pid}, {self.plan.profile.name}, "
+                                   f"accel {self.plan.accel})", {"pid": self.qemu.popen.pid})
 
     def _post_launch(self) -> None:
         assert self._sockets is not None and self.qemu is not None and self.qmp is not None
         assert self.launched_at is not None
         deadline = self.launched_at + _START_DEADLINE
         console = self._sockets.accept("console.sock", "console", deadline, self.qemu)
-        self.console = Console(console, self.console_path, self._sink)
+        self.console = Console(console, self.console_path, self._sink, self.events)
         self.console.start(f"console-{self.name}")
         channel = self._sockets.accept("channel.sock", "command channel", deadline, self.qemu)
         self.agent = AgentSession(channel, self.logdir / f"channel-{self.name}.log",
@@ -337,11 +347,23 @@ class Machine:
         assert self.launched_at is not None
         budget = timeout if timeout is not None else self.plan.boot_deadline
         deadline = self.launched_at + budget
-        wait_for_agent(self.agent, self.console, self.qemu, deadline, budget)
-        self.guest = self.channels.open(self.agent, connect_timeout=max(5.0, deadline - time.monotonic()),
-                                        default_timeout=self.plan.profile.timeouts.command)
+        try:
+            wait_for_agent(self.agent, self.console, self.qemu, deadline, budget)
+            self.guest = self.channels.open(self.agent, connect_timeout=max(5.0, deadline - time.monotonic()),
+                                            default_timeout=self.plan.profile.timeouts.command)
+        except BaseException as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self._step("boot-failed", f"boot failed: {type(e).__name__}: {first}"[:300])
+            raise
         self.boot_seconds = time.monotonic() - self.launched_at
+        self._step("boot-detected", f"boot detected: userspace answered on the {self.plan.channel} channel "
+                                    f"{self.boot_seconds:.2f} s after QEMU started",
+                   {"boot_seconds": round(self.boot_seconds, 3)})
         return self.guest
+
+    def _step(self, kind: str, text: str, data: dict[str, object] | None = None) -> None:
+        if self.events is not None:
+            self.events.emit(Source.HARNESS, kind, text, data)
 
     # -- shutdown ------------------------------------------------------------------
 
@@ -355,8 +377,10 @@ class Machine:
         budget = timeout if timeout is not None else self.plan.profile.timeouts.shutdown
         try:
             if self.qemu is not None:
-                if self.qemu.running() and not self._soft_shutdown(self.qemu, budget):
-                    self._hard_shutdown(self.qemu)
+                if self.qemu.running():
+                    self._step("shutdown", "shutdown: QMP quit, then signals if QEMU stays")
+                    if not self._soft_shutdown(self.qemu, budget):
+                        self._hard_shutdown(self.qemu)
                 self.exit_status = self.qemu.returncode
         finally:
             self._post_shutdown()
@@ -378,6 +402,12 @@ class Machine:
         if self.qemu is not None:
             # An interrupted shutdown (a second signal) still leaves no QEMU behind.
             self.qemu.stop(term_wait=None)
+            if not self._exit_noted:
+                self._exit_noted = True
+                status = self.qemu.returncode
+                how = (f"killed by {signal.Signals(-status).name}" if status is not None and status < 0
+                       else f"exit status {status}")
+                self._step("qemu-exited", f"QEMU gone ({how})", {"status": status})
         for part in (self.guest, self.agent, self.console):
             if part is not None:
                 part.close()

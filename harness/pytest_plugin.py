@@ -8,6 +8,10 @@ The process that sees every report (main or xdist controller) writes
 
 Fixtures: `machine`, `guest`, `qmp`, `run_info`, `dmesg_lines`, `dmesg_allowlist`.
 
+Each process that runs tests stamps every test's start and end (with its
+outcome) into the run's event log, events.jsonl, beside its VM's console lines
+and QMP traffic; the runner makes timeline.txt from it.
+
 Every guest test gets a dmesg window: the kernel lines that appeared while it
 ran are saved to `tests/<name>/dmesg.txt` and judged by the rule engine; an
 error-severity hit fails the test as a kernel failure. `@pytest.mark.dmesg_allow(
@@ -30,6 +34,7 @@ import pytest
 from harness.diagnostics import REMOTE_CONFIG
 from harness.dmesg import Allow, describe, errors, load_allowlist, scan
 from harness.errors import RESULTS_UNWRITABLE, HarnessError, KernelFault
+from harness.events import EVENTS, EventLog, Source
 from harness.guest import GuestChannel
 from harness.machine import Machine
 from harness.plan import LaunchPlan
@@ -123,8 +128,13 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     # SIGTERM becomes an exception, so fixture teardown stops the VM.
     raise_on_sigterm()
+    run_dir = Path(config.getoption("harness_run_dir"))
     if not hasattr(config, "workerinput"):
-        config.pluginmanager.register(Recorder(Path(config.getoption("harness_run_dir"))), "harness-recorder")
+        config.pluginmanager.register(Recorder(run_dir), "harness-recorder")
+    # The tests' start and end are stamped where they run: an xdist controller
+    # hears of a test's start only after its worker may have acted on the VM.
+    if hasattr(config, "workerinput") or config.getoption("dist", default="no") == "no":
+        config.pluginmanager.register(TestStamper(EventLog(run_dir / EVENTS, _worker())), "harness-stamper")
 
 
 def _worker() -> str:
@@ -152,9 +162,10 @@ def machine(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Machi
     suffix = "" if first else f"-{run_info.worker}"
     sock_parent = os.environ.get("HARNESS_SOCK_DIR")
     name = os.environ.get("HARNESS_MACHINE_PREFIX", "harness") + f"-{run_info.worker}"
+    events = EventLog(run_info.run_dir / EVENTS, run_info.worker)
     m = Machine(run_info.plan, run_info.run_dir, name=name,
                 sock_parent=Path(sock_parent) if sock_parent else None,
-                console_log=f"console{suffix}.log")
+                console_log=f"console{suffix}.log", events=events)
     record = MachineRecord(name=name, worker=run_info.worker, console=m.console_path.name)
     request.config.stash[_MACHINE] = m
     write_machine(run_info.run_dir, record)
@@ -184,6 +195,7 @@ def machine(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Machi
             record.dmesg_error = f"dmesg{suffix}.txt: {e.strerror}"
         finally:
             m.shutdown()
+            events.close()
             record.status, record.exit_status = MachineStatus.STOPPED, m.exit_status
             write_machine(run_info.run_dir, record)
 
@@ -325,6 +337,42 @@ def _worker_of(report: pytest.TestReport) -> str:
     node = getattr(report, "node", None)
     gateway = getattr(node, "gateway", None)
     return str(getattr(gateway, "id", "main"))
+
+
+class TestStamper:
+    """Stamps each test's start and end, with its outcome, into the event log, in the
+    process that runs it (so the times are those of the test, beside its VM's)."""
+
+    __test__ = False
+
+    def __init__(self, events: EventLog) -> None:
+        self._events = events
+        self._status: dict[str, tuple[str, str]] = {}
+        self._seconds: dict[str, float] = {}
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self._events.emit(Source.HARNESS, "test-start", f"test start {nodeid}", {"nodeid": nodeid})
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties)
+        status = classify(report.when, report.outcome, str(props.get("harness_kind", "")) or None)
+        before = self._status.get(report.nodeid, ("passed", ""))
+        # As the Recorder: the first non-pass outcome decides.
+        if status != "passed" and before[0] == "passed":
+            message = _message(report).strip()
+            self._status[report.nodeid] = (status, message.splitlines()[0][:200] if message else "")
+        self._seconds[report.nodeid] = self._seconds.get(report.nodeid, 0.0) + report.duration
+        if report.when != "teardown":
+            return
+        status, message = self._status.pop(report.nodeid, ("passed", ""))
+        seconds = self._seconds.pop(report.nodeid, 0.0)
+        self._events.emit(Source.HARNESS, "test-end",
+                          f"test end {report.nodeid}: {status.upper()} in {seconds:.2f} s"
+                          + (f": {message}" if message else ""),
+                          {"nodeid": report.nodeid, "status": status, "seconds": round(seconds, 3)})
+
+    def pytest_unconfigure(self) -> None:
+        self._events.close()
 
 
 class Recorder:

@@ -1,8 +1,9 @@
 """`harness compare`'s report in the format asked for: text and JSON (harness/compare.py
 makes them), or HTML: one self-contained page (no scripts) with what changed
-first, the tests x builds table, dmesg error ids and SVG plots of the figures.
-Every build is named in full (a long name wraps, never cut), with its identity
-beside it.
+first, the tests x builds table, dmesg error ids, SVG plots of the figures and
+each run's timeline (collapsed: what the guest, QEMU, the harness and the host
+said, in order). Every build is named in full (a long name wraps, never cut),
+with its identity beside it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from harness.compare import Comparison, described, render_text, unsaid_flaky, wr
 from harness.errors import BadInput
 from harness.results import read_records
 from harness.runindex import render_history
+from harness.timeline import load as load_timeline
+from harness.timeline import render_text as render_timeline
 
 
 def render(fmt: str, comparison: Comparison | None, rows: list[dict[str, Any]] | None = None,
@@ -82,6 +85,31 @@ def _why(c: Comparison, test: str, kernel: str) -> str:
     return ""
 
 
+# A timeline longer than this shows its head and its end (where a failure is) in the page;
+# timeline.txt in the run directory has all of it.
+_TIMELINE_HEAD, _TIMELINE_TAIL = 300, 1200
+
+
+def _timelines(c: Comparison) -> str:
+    """Each run's timeline, made from its event log, as a collapsed block; runs without one are left out."""
+    esc = html.escape
+    blocks = []
+    for kernel in c.kernels:
+        for run in c.runs[kernel]:
+            tl = load_timeline(run.path)
+            if not tl.entries:
+                continue
+            lines = render_timeline(tl, run.run_id).splitlines()
+            if len(lines) > _TIMELINE_HEAD + _TIMELINE_TAIL:
+                cut = len(lines) - _TIMELINE_HEAD - _TIMELINE_TAIL
+                lines = [*lines[:_TIMELINE_HEAD], f"... {cut} lines left out here: {run.path}/timeline.txt has them",
+                         *lines[-_TIMELINE_TAIL:]]
+            blocks.append(f'<details class="timeline"><summary><b>{esc(run.run_id)}</b> ({esc(kernel)}, '
+                          f"{esc(run.profile)}, {run.status}): {len(tl.entries)} events</summary>"
+                          f"<pre>{esc(chr(10).join(lines))}</pre></details>")
+    return "".join(blocks) or "<p>no run has an event log</p>"
+
+
 _ORDER = {"regression": 0, "flaky": 1, "fix": 2}
 _CELL = {"pass": "pass", "skip": "skip", "-": "absent"}
 def render_html(c: Comparison) -> str:
@@ -131,10 +159,12 @@ def render_html(c: Comparison) -> str:
              " #changes.bad{border-color:#c00;background:#fff3f3} #changes.good{border-color:#2a6}"
              " #changes li{margin:.4em 0} .kind{text-transform:uppercase;font-weight:bold;font-size:.85em}"
              " li.regression .kind{color:#c00} .why{font-family:monospace;color:#444;margin-left:1em}"
-             " .plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figcaption{font-weight:bold}")
+             " .plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figcaption{font-weight:bold}"
+             " details.timeline pre{font-size:12px;overflow-x:auto;background:#f7f7f7;padding:.5em}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>harness compare: "
             f"{esc(' vs '.join(c.kernels))}</title><style>{style}</style></head><body>"
             f"<h1>Kernel comparison</h1>{verdict}<ul>{runs}</ul>"
             f"<h2>Tests</h2><table><tr><th>test</th><th>change</th>{head}</tr>{rows}</table>"
             f"<h2>dmesg error ids</h2><ul>{dmesg or '<li>no change</li>'}</ul>"
-            f"<h2>Figures</h2><div class='plots'>{plots}</div></body></html>\n")
+            f"<h2>Figures</h2><div class='plots'>{plots}</div>"
+            f"<h2>Timelines</h2>{_timelines(c)}</body></html>\n")

@@ -5,6 +5,11 @@ with us through PDEATHSIG). The child boots the VM through the plugin, so
 `-n N` gives one VM per xdist worker. This process owns the run directory:
 meta.json before anything starts (status `incomplete`) and after the end.
 
+Every run keeps an event log (events.jsonl: the VMs' console lines, QMP
+traffic and the harness's steps, stamped as they happen; harness/events.py);
+at the end this process adds the host kernel's lines of the run's window and
+writes timeline.txt from it (harness/timeline.py), whatever the verdict.
+
 `run()` takes the host prober and the launcher of the guest tests as
 parameters, so the verdict (status, exit code, failure, what is printed) is
 tested with fakes in seconds; the defaults are the real probe and pytest child.
@@ -29,6 +34,7 @@ from typing import Any, Protocol
 
 from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
+from harness.events import EVENTS, EventLog, Source
 from harness.hoststate import guard_for
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
@@ -37,6 +43,7 @@ from harness.labplan import LabRequest, is_lab_host
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
+from harness.probe.kmsg import HostKernelLog
 from harness.process import SOCK_PREFIX, die_with_parent, kill_machines, stop_group, sweep_stale
 from harness.profiles import load_profile
 from harness.results import read_records, write_records
@@ -55,6 +62,7 @@ from harness.rundir import (
     write_run,
 )
 from harness.runindex import index_run
+from harness.timeline import host_events, write_timeline
 from harness.tools import build_tools
 from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
 
@@ -336,14 +344,28 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
         write_run(run_dir, record)
         write_records(run_dir, [])
     print(f"run {run_id}: remote target {target.url}", flush=True)
-    return _execute(req, run_dir, record, start, launch)
+    return _execute(req, run_dir, record, start, launch, local=False)
 
 
-def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher) -> int:
+def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher,
+             local: bool = True) -> int:
+    """Run the guest tests and finish the run directory; `local`: the VMs run on this host,
+    whose kernel log belongs in the timeline."""
+    events = EventLog(run_dir / EVENTS)
+    try:
+        return _execute_logged(req, run_dir, record, start, launch, events,
+                               HostKernelLog() if local else None)
+    finally:
+        events.close()
+
+
+def _execute_logged(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher,
+                    events: EventLog, host_log: HostKernelLog | None) -> int:
     sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     (sock_parent / "owner.pid").write_text(str(os.getpid()))
     verdict = Verdict.infra("")
     tests_start = time.monotonic()
+    events.emit(Source.HARNESS, "tests-started", "guest tests started (pytest)")
     try:
         rc = launch(req, run_dir, sock_parent)
         verdict = judge(rc, read_records(run_dir), req.invocation())
@@ -354,8 +376,14 @@ def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, la
         shutil.rmtree(sock_parent, ignore_errors=True)
         if verdict.exit_code == EXIT_BAD_INPUT:
             shutil.rmtree(run_dir, ignore_errors=True)
+        if host_log is not None and verdict.exit_code == EXIT_BAD_INPUT:
+            host_log.close()
     if verdict.exit_code == EXIT_BAD_INPUT:
         raise BadInput(verdict.note)
+    events.emit(Source.HARNESS, "tests-ended", f"guest tests ended: {verdict.status} (exit {verdict.exit_code})"
+                + (f": {verdict.note}" if verdict.note else ""))
+    if host_log is not None:
+        events.write(host_events(host_log.read(), events))
     records = read_records(run_dir)
     remote_config = run_dir / REMOTE_CONFIG
     if remote_config.is_file():
@@ -363,8 +391,14 @@ def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, la
                                              f"{record.target}: /proc/config.gz or /boot/config-*")
     finish(record, verdict, records, read_machines(run_dir),
            tests=time.monotonic() - tests_start, total=time.monotonic() - start)
+    events.emit(Source.HARNESS, "run-ended", f"run ended: {record.status} (exit {record.exit_code})")
     if not _write_final(run_dir, record):
         return EXIT_INFRA
+    try:
+        # After meta.json: on a full disk the run's own record comes first.
+        write_timeline(run_dir, record.run_id)
+    except OSError as e:
+        print(f"warning: {run_dir / 'timeline.txt'}: {e.strerror}", file=sys.stderr)
     print_summary(run_dir, record, records)
     try:
         # The index serves `harness compare --last N --test NAME`; a run never fails over it.

@@ -18,6 +18,11 @@ two differences, both because an owner imports its parts:
   time the data flows from the machine to the channel; in imports the owner
   sits above its parts.
 
+The run's event log (`events`) is in the base: every later stage stamps events
+into it as they happen (the console reader, the QMP channel, the machine, the
+pytest plugin, the runner), and it needs nothing but the standard library.
+Reading it back into a timeline (`timeline`) belongs to the run directory.
+
 Every import counts: at the top, inside a function (lazy), under TYPE_CHECKING.
 A new module must be given a stage here.
 """
@@ -34,13 +39,13 @@ PACKAGE = REPO / "harness"
 # Earliest first: a module may import its own stage and earlier ones. A
 # subpackage (harness/build/, harness/probe/, ...) is one module here.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("harness", "errors", "paths", "process", "hashing", "cpio")),
+    ("base", ("harness", "errors", "paths", "process", "hashing", "cpio", "events")),
     ("build", ("build", "identity", "kernel", "tools", "initramfs")),
     ("checks", ("dmesg", "diagnostics")),
     ("plan", ("profiles", "probe", "plan")),
     ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug", "hostpci", "hoststate", "assign")),
     ("machine", ("console", "machine", "console_tty", "qemu_check")),
-    ("run directory", ("results", "rundir", "verdict")),
+    ("run directory", ("results", "rundir", "verdict", "timeline")),
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.
     ("orchestration", ("cli", "cli_args", "__main__", "runner", "nightly", "reproduce", "pytest_plugin",

@@ -26,6 +26,7 @@ import pytest
 
 from harness.diagnostics import REMOTE_CONFIG
 from harness.errors import BadInput, InfraError, Terminated
+from harness.events import EVENTS, EventLog, Source
 from harness.probe import Fact, HostCaps
 from harness.reproduce import request_for
 from harness.results import TestRecord, write_records
@@ -71,9 +72,14 @@ class FakeLauncher:
     raises: BaseException | None = None
     files: dict[str, str] = field(default_factory=dict)
     status_while_running: RunStatus | None = None
+    events: list[str] = field(default_factory=list)   # harness steps a VM would log before it returns
 
     def __call__(self, req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
         self.status_while_running = read_run(run_dir).status
+        log = EventLog(run_dir / EVENTS, "main")
+        for text in self.events:
+            log.emit(Source.HARNESS, "step", text)
+        log.close()
         assert sock_parent.is_dir() and (sock_parent / "owner.pid").is_file()
         for machine in self.machines:
             write_machine(run_dir, machine)
@@ -175,10 +181,18 @@ def test_a_boot_failure_is_the_failure_with_the_last_console_lines(request_for_f
 @pytest.mark.parametrize(("raised", "code"), [(KeyboardInterrupt(), 130), (Terminated(signal.SIGTERM), 143)])
 def test_a_signal_during_the_tests_is_an_interrupted_run(request_for_fake: RunRequest, raised: BaseException,
                                                          code: int) -> None:
-    assert run(request_for_fake, ["run"], fake_host, FakeLauncher(raises=raised)) == code
-    meta = json.loads((only_run(request_for_fake) / "meta.json").read_text())
+    launcher = FakeLauncher(raises=raised, events=["QEMU started", "test start t.py::slow"])
+    assert run(request_for_fake, ["run"], fake_host, launcher) == code
+    run_dir = only_run(request_for_fake)
+    meta = json.loads((run_dir / "meta.json").read_text())
     assert (meta["status"], meta["exit_code"]) == ("interrupted", code)
     assert meta["failure"]["message"] == f"interrupted by signal {code - 128}"
+    # The timeline is written on this path too, with what the VM logged before the signal.
+    texts = [line.split("  ")[-1] for line in (run_dir / "timeline.txt").read_text().splitlines()
+             if not line.startswith("#")]
+    assert texts[:3] == ["guest tests started (pytest)", "QEMU started", "test start t.py::slow"]
+    assert texts[3] == f"guest tests ended: interrupted (exit {code}): interrupted by signal {code - 128}"
+    assert texts[-1] == f"run ended: interrupted (exit {code})"
 
 
 def test_a_fallback_is_printed_and_recorded(request_for_fake: RunRequest, capsys: pytest.CaptureFixture[str]) -> None:
