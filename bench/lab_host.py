@@ -56,7 +56,7 @@ def run(results: Path, backend: str, kernel: str) -> dict[str, Any]:
         "MMIO (edu BAR)": test("test_assigned_edu_id_register_through_the_bar"),
         "DMA (NVMe >=24 MiB)": test("test_assigned_nvme_dma_verifies"),
         "DMA MB/s": prop("test_assigned_nvme_dma_verifies", "vfio_nvme_MBps"),
-        "hot-unplug": prop("test_hot_unplug_releases_the_host_function", "vfio_unplug_seconds"),
+        "hot-unplug": prop("test_hot_unplug_gives_the_host_function_back", "vfio_unplug_seconds"),
         "restore": host["restore"]["seconds"],
         "inner run (L1)": meta["timings"]["inner"],
         "whole run": wall,

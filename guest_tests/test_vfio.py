@@ -74,7 +74,7 @@ def test_assigned_nvme_dma_verifies(assigned: Assignment, guest: GuestChannel, v
         record_property("vfio_nvme_bytes", int(m.group(1)))
 
 
-def test_hot_unplug_releases_the_host_function(assigned: Assignment, guest: GuestChannel, qmp: QmpChannel,
+def test_hot_unplug_gives_the_host_function_back(assigned: Assignment, guest: GuestChannel, qmp: QmpChannel,
                                                record_property: pytest.RecordProperty) -> None:
     """Last in the session: the functions go back to the host side (the run then restores them)."""
     paths = [a.plugged.device.path for a in assigned.devices]
