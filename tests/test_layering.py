@@ -44,7 +44,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("checks", ("dmesg", "diagnostics")),
     ("plan", ("profiles", "probe", "plan")),
     ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug", "hostpci", "hoststate", "assign")),
-    ("machine", ("console", "machine", "console_tty", "qemu_check")),
+    ("machine", ("console", "qemuproc", "machine", "console_tty", "qemu_check")),
     ("run directory", ("results", "rundir", "verdict", "timeline")),
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.

@@ -19,9 +19,10 @@ from harness.cpio import CpioWriter
 from harness.errors import BadInput, BootFailure, GuestUnreachable, QemuStartError
 from harness.initramfs import resolve_modules
 from harness.kernel import bzimage_release
-from harness.machine import QemuProcess, boot_error, boot_timeout
+from harness.machine import boot_error, boot_timeout
 from harness.profiles import load_profile
 from harness.pytest_plugin import classify
+from harness.qemuproc import QemuProcess
 from harness.results import TestRecord, exit_code_for, write_junit
 
 DATA = Path(__file__).parent / "data"
