@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
@@ -54,6 +55,9 @@ TIMELINE = "timeline.txt"
 
 # `[   12.345678] ` with an optional caller id (`[    T1]`, CONFIG_PRINTK_CALLER) after it.
 _PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]\s?")
+# Later on a line only in printk's own format (six decimals), so `ls [1.0]` is no stamp.
+_PRINTK_AFTER = re.compile(r"^(.*?)\[\s*(\d+\.\d{6})\]\s?")
+_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
 _BANNER = re.compile(r"Linux version \d+\.\d+")
 # A drop of the guest's printk time by more than this starts a new boot (a reset).
 _RESET_DROP = 1.0
@@ -99,11 +103,28 @@ class Timeline:
 
 
 def printk_time(line: str) -> tuple[float, str] | None:
-    """(uptime, the rest) of a kernel console line `[   12.345678] text`; None for other lines."""
+    """(uptime, the rest) of a kernel console line `[   12.345678] text`; None for other lines.
+
+    The console is shared: a shell's prompt and its terminal queries can come
+    first on the line the kernel then prints on (`guest:/# ESC[6n[    3.686315]
+    pci ...`). Such a line is the kernel's, with what came before it kept at
+    the end; terminal escape sequences are dropped.
+    """
+    found = _printk_split(line)
+    return None if found is None else (found[0], found[1])
+
+
+def _printk_split(line: str) -> tuple[float, str, bool] | None:
+    """printk_time, and whether other bytes came first on the line (then the line's arrival time,
+    that of its first byte, says nothing of when the kernel printed)."""
+    line = _ESCAPE.sub("", line)
     m = _PRINTK.match(line)
+    if m is not None:
+        return float(m[1]), line[m.end():], False
+    m = _PRINTK_AFTER.search(line)
     if m is None:
         return None
-    return float(m[1]), line[m.end():]
+    return float(m[2]), f"{line[m.end():]}   (after {m[1]!r} on the same console line)", True
 
 
 @dataclass
@@ -113,6 +134,7 @@ class _ConsoleLine:
     uptime: float | None   # printk time, if the line has one
     text: str              # without the printk time
     boot: int = 1
+    late: bool = False     # the printk time came after other bytes: the arrival time is its prefix's
 
 
 def _consoles(events: list[Event]) -> dict[str, list[_ConsoleLine]]:
@@ -121,9 +143,10 @@ def _consoles(events: list[Event]) -> dict[str, list[_ConsoleLine]]:
     consoles: dict[str, list[_ConsoleLine]] = {}
     for i, e in enumerate(events):
         if e.source is Source.GUEST and e.kind == "console":
-            stamp = printk_time(e.text)
+            stamp = _printk_split(e.text)
             consoles.setdefault(e.worker, []).append(
-                _ConsoleLine(e, i, stamp[0], stamp[1]) if stamp else _ConsoleLine(e, i, None, e.text))
+                _ConsoleLine(e, i, stamp[0], stamp[1], late=stamp[2]) if stamp
+                else _ConsoleLine(e, i, None, _ESCAPE.sub("", e.text)))
     for lines in consoles.values():
         boot, last = 1, None
         for line in lines:
@@ -141,7 +164,7 @@ def _offsets(lines: list[_ConsoleLine], not_before: float | None) -> dict[int, f
     uptime is within GUEST_WINDOW after its own. Lines at 0.000000 (printed before the clock ran)
     and lines whose a - u would put the guest's clock zero before `not_before` (QEMU's start: no
     printk line, then) offer no estimate and are placed at their arrival."""
-    stamped = sorted((line for line in lines if line.uptime
+    stamped = sorted((line for line in lines if line.uptime and not line.late
                       and (not_before is None or line.event.t - line.uptime >= not_before)),
                      key=lambda line: (line.uptime, line.index))
     diff = [line.event.t - (line.uptime or 0.0) for line in stamped]
@@ -157,6 +180,13 @@ def _offsets(lines: list[_ConsoleLine], not_before: float | None) -> dict[int, f
         while (stamped[window[-1]].uptime or 0.0) > (stamped[pos].uptime or 0.0) + GUEST_WINDOW:
             window.pop()
         out[stamped[pos].index] = diff[window[-1]]
+    # A line whose printk time came after a prompt: no estimate of its own; the offset of the
+    # first estimating line at or after its uptime (else the last one).
+    uptimes = [line.uptime or 0.0 for line in stamped]
+    for line in lines:
+        if line.late and line.uptime and stamped:
+            pos = min(bisect_left(uptimes, line.uptime), len(stamped) - 1)
+            out[line.index] = out[stamped[pos].index]
     return out
 
 
@@ -173,7 +203,7 @@ def _clocks(consoles: dict[str, list[_ConsoleLine]], not_before: float | None
                 continue
             offsets.update(found)
             latency = [line.event.t - (line.uptime or 0.0) - found[line.index] for line in mine
-                       if line.index in found]
+                       if line.index in found and not line.late]
             clocks.append(GuestClock(worker, boot, len(found), min(found.values()),
                                      max(found.values()) - min(found.values()), statistics.median(latency),
                                      max(latency)))
@@ -208,7 +238,12 @@ def build(events: list[Event]) -> Timeline:
             if not line.text.strip():
                 continue   # blank console lines say nothing
             offset = offsets.get(i)
-            t = e.t if line.uptime is None or offset is None else min(e.t, line.uptime + offset)
+            if line.uptime is None or offset is None:
+                t = e.t
+            elif line.late:   # arrived after its prefix's first byte: that time is a lower bound
+                t = max(e.t, line.uptime + offset)
+            else:
+                t = min(e.t, line.uptime + offset)
             # Console order is kept: a line is never placed before one that came ahead of it.
             t = max(t, last_console.get(e.worker, t))
             last_console[e.worker] = t

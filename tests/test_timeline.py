@@ -46,6 +46,15 @@ def test_printk_time_with_and_without_a_caller_id() -> None:
     assert printk_time("~ # ls [1.0]") is None
 
 
+def test_printk_time_after_a_shell_prompt_on_the_same_console_line() -> None:
+    # Recorded from a tio-emulated run's console.log: the console's shell printed its prompt and a
+    # cursor-position query just before the kernel's hot-plug enumeration line.
+    line = "guest:/# \x1b[6n[    3.686315] pci 0000:01:00.0: [1234:11e8] type 00 class 0x00ff00"
+    assert printk_time(line) == (3.686315, "pci 0000:01:00.0: [1234:11e8] type 00 class 0x00ff00   "
+                                           "(after 'guest:/# ' on the same console line)")
+    assert printk_time("\x1b[6nguest:/# ") is None
+
+
 def test_offset_is_the_smallest_arrival_minus_uptime_so_lines_land_between_print_and_arrival() -> None:
     # The guest clock's zero is at T0 + 1; each line arrives 2 ms after it was printed, one 30 ms late.
     zero = T0 + 1.0
@@ -111,6 +120,26 @@ def test_console_order_is_kept_around_a_line_without_a_printk_time() -> None:
     tl = build(events)
     assert [e.text for e in tl.entries] == ["kernel one", "~ # ", "kernel two", "kernel three"]
     assert tl.entries[2].t == T0 + 1.300 and tl.entries[2].uptime == 1.2
+
+
+def test_a_kernel_line_after_a_prompt_is_placed_by_its_printk_time_not_the_prompts_arrival() -> None:
+    # The prompt's first byte came at +1.300 s; the kernel printed on the same line 2 s later (the
+    # hot-plug's enumeration). Placed by its uptime and its neighbours' offset, after device_add.
+    prompt_line = "guest:/# \x1b[6n[    3.300000] pci 0000:01:00.0: [1234:11e8] type 00"
+    events = [console(T0 + 1.001, 1.0, "kernel one"),
+              ev(T0 + 3.200, Source.QMP, "command", "device_add driver=edu id=tio0"),
+              Event(T0 + 1.300, Source.GUEST, "console", prompt_line, "main", None),
+              console(T0 + 3.402, 3.4, "pci 0000:01:00.0: BAR 0 assigned")]
+    tl = build(events)
+    assert [e.text.split("   (after")[0].split("  (no reply")[0] for e in tl.entries] == [
+        "kernel one", "-> device_add driver=edu id=tio0", "pci 0000:01:00.0: [1234:11e8] type 00",
+        "pci 0000:01:00.0: BAR 0 assigned"]
+    placed = tl.entries[2]
+    assert placed.uptime == 3.3 and abs(placed.t - (T0 + 3.302)) < 1e-6
+    assert "(after 'guest:/# ' on the same console line)" in placed.text
+    # The prompt's early arrival is no estimate of the guest's clock.
+    (clock,) = guest_clocks(events)
+    assert clock.lines == 3 and abs(clock.zero - (T0 + 0.001)) < 1e-9
 
 
 def test_several_vms_each_have_their_clock_and_name() -> None:

@@ -21,7 +21,7 @@ from harness.initramfs import resolve_modules
 from harness.kernel import bzimage_release
 from harness.machine import boot_error, boot_timeout
 from harness.profiles import load_profile
-from harness.pytest_plugin import classify
+from harness.pytest_record import classify
 from harness.qemuproc import QemuProcess
 from harness.results import TestRecord, exit_code_for, write_junit
 
