@@ -1,13 +1,15 @@
 """Wall time of the emulated guest suite, per workload, serial and with -n 2.
 
-Baseline in the same process: raw QEMU booting the same kernel and initramfs
-straight to poweroff (bench/boot_overhead's raw run). Prints seconds and ratios.
+Baseline in the same run: raw QEMU booting the same kernel and initramfs
+straight to poweroff (bench/boot_overhead's raw run), before, between and after
+the two suites; their median is the unit. Prints seconds and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,7 @@ def run_suite(results: Path, workers: int, profile: str, kernel: str) -> tuple[f
     start = time.monotonic()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
     wall = time.monotonic() - start
-    run_dir = max(results.iterdir(), key=lambda p: p.stat().st_mtime)
+    run_dir = max((p for p in results.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     meta = json.loads((run_dir / "meta.json").read_text())
     if proc.returncode != 0:
         print(proc.stdout[-2000:])
@@ -51,21 +53,30 @@ def main() -> int:
         work = Path(tmp)
         initrd = work / "raw.cpio"
         raw_initrd(plan.initrd, initrd)
-        start = time.monotonic()
-        subprocess.run([plan.qemu, "-machine", f"q35,accel={plan.accel}", "-cpu", plan.profile.cpu_tcg,
-                        "-m", f"{plan.profile.memory_mib}M", "-nodefaults", "-display", "none", "-no-reboot",
-                        "-kernel", str(plan.kernel.image), "-initrd", str(initrd),
-                        "-append", plan.cmdline + " rdinit=/bench-poweroff", "-serial", "null"],
-                       check=True, timeout=120)
-        raw = time.monotonic() - start
+        raw_argv = [plan.qemu, "-machine", f"q35,accel={plan.accel}", "-cpu", plan.profile.cpu_tcg,
+                    "-m", f"{plan.profile.memory_mib}M", "-nodefaults", "-display", "none", "-no-reboot",
+                    "-kernel", str(plan.kernel.image), "-initrd", str(initrd),
+                    "-append", plan.cmdline + " rdinit=/bench-poweroff", "-serial", "null"]
+        raws: list[float] = []
+
+        def raw() -> None:
+            start = time.monotonic()
+            subprocess.run(raw_argv, check=True, timeout=120)
+            raws.append(time.monotonic() - start)
+
+        raw()
         serial, per, counts = run_suite(work / "serial", 1, args.profile, str(plan.kernel.image))
+        raw()
         parallel, _, _ = run_suite(work / "parallel", 2, args.profile, str(plan.kernel.image))
+        raw()
+    unit = statistics.median(raws)
     print(f"kernel {plan.kernel.release}, profile {args.profile}, accel {plan.accel}; tests {counts}")
-    print(f"raw QEMU boot->poweroff (baseline):  {raw:6.2f}s")
-    print(f"whole suite, 1 VM:                   {serial:6.2f}s  ({serial / raw:.1f}x the raw boot)")
-    print(f"whole suite, -n 2 (2 VMs):           {parallel:6.2f}s  (speed-up {serial / parallel:.2f}x)")
+    print(f"raw QEMU boot->poweroff (baseline):  {unit:6.2f}s  (median of {', '.join(f'{r:.2f}' for r in raws)})")
+    print(f"whole suite, 1 VM:                   {serial:6.2f}s  ({serial / unit:.1f}x the raw boot)")
+    print(f"whole suite, -n 2 (2 VMs):           {parallel:6.2f}s  ({parallel / unit:.1f}x the raw boot, "
+          f"speed-up {serial / parallel:.2f}x)")
     for name, seconds in sorted(per.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:10} {seconds:6.2f}s")
+        print(f"  {name:10} {seconds:6.2f}s  ({seconds / unit:.2f}x the raw boot)")
     return 0
 
 
