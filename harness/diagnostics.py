@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from harness import process
-from harness.build.kconfig import read_config
 from harness.errors import InfraError
 
 # A remote target's kernel configuration, as the guest tests read it from the
@@ -98,6 +97,10 @@ class Diagnostics:
 
 def diagnose(config_text: str, source: str) -> Diagnostics:
     """The reporting features a configuration turns on (built in or as a module)."""
+    # Here, not at the top: importing harness.build.kconfig loads the whole build package,
+    # which `harness run` on a built or prebuilt kernel does not otherwise need.
+    from harness.build.kconfig import read_config
+
     options = read_config(config_text)
     features = {key: any(options.get(o) in ("y", "m") for o in opts) for key, opts, _ in FEATURES}
     return Diagnostics(source, features)

@@ -40,20 +40,23 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import __version__
 from harness.errors import BadInput, HarnessError, InfraError, KernelFault, Terminated
-from harness.guest import CommandResult, GuestChannel
 from harness.initramfs import GUESTFS, build_initramfs
 from harness.kernel import Kernel, resolve_kernel
-from harness.machine import Machine
 from harness.paths import REPO, atomic_write, cache_dir, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import Fact, HostCaps, probe_host
 from harness.profiles import Profile, load_profile
 from harness.rundir import new_run_id
 from harness.tools import build_tools
+
+if TYPE_CHECKING:
+    # `harness run` imports this module for is_lab_host: the machine (QMP, asyncio, the console)
+    # is loaded only when a lab-host run starts one.
+    from harness.guest import CommandResult, GuestChannel
 
 PROFILE = "lab-host"
 ROOT = "/lab/root"
@@ -243,6 +246,8 @@ class LabHost:
                  name: str = "harness-l1", echo: bool = False) -> None:
         self.plan = plan
         self.share = share
+        from harness.machine import Machine
+
         self.machine = Machine(plan, run_dir, name=name, sock_parent=sock_parent)
         self.echo = echo
         self.times: dict[str, float] = {}

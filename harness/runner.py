@@ -54,7 +54,6 @@ from harness.rundir import (
     timestamp,
     write_run,
 )
-from harness.runindex import index_run
 from harness.tools import build_tools
 from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
 
@@ -368,6 +367,8 @@ def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, la
     print_summary(run_dir, record, records)
     try:
         # The index serves `harness compare --last N --test NAME`; a run never fails over it.
+        from harness.runindex import index_run  # here: it loads compare, sqlite3
+
         index_run(run_dir)
     except Exception as e:  # noqa: BLE001
         print(f"warning: run not added to {run_dir.parent}/index.sqlite: {e}", file=sys.stderr)

@@ -11,8 +11,11 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from harness.guest import GuestChannel
+if TYPE_CHECKING:
+    # Annotations only: `harness run`'s own process (hoststate's wait_until) never loads pexpect.
+    from harness.guest import GuestChannel
 
 PCI = "/sys/bus/pci/devices"
 SWIOTLB = "/sys/kernel/debug/swiotlb"
