@@ -255,6 +255,15 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
             kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
             pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout, timeout=req.timeout,
             strict=req.strict, qemu_args=req.qemu_args), argv, req.dry_run, req.json)
+    early = EarlyPytest.start(req) if launcher is None and not req.dry_run and req.tests.is_dir() else None
+    try:
+        return _run_local(req, argv, start, prober, early or launch)
+    finally:
+        if early is not None:
+            early.stop()
+
+
+def _run_local(req: RunRequest, argv: list[str], start: float, prober: Prober, launch: Launcher) -> int:
     plan, caps = make_plan(req, prober)
     if req.dry_run:
         _print_dry_run(plan, req.json)
@@ -279,7 +288,8 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
             print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}",
                   flush=True)
         print_diagnostics(plan.diagnostics)
-        return _execute(req, run_dir, record, start, launch)
+        return _execute(req, run_dir, record, start, launch,
+                        launch.sock_parent if isinstance(launch, EarlyPytest) else None)
 
 
 def _print_dry_run(plan: LaunchPlan, as_json: bool) -> None:
@@ -338,9 +348,16 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
     return _execute(req, run_dir, record, start, launch)
 
 
-def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher) -> int:
+def _sock_parent() -> Path:
+    """The run's private directory in TMPDIR, with the owner's pid (for `sweep_stale`)."""
     sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     (sock_parent / "owner.pid").write_text(str(os.getpid()))
+    return sock_parent
+
+
+def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher,
+             sock_parent: Path | None = None) -> int:
+    sock_parent = sock_parent or _sock_parent()
     verdict = Verdict.infra("")
     tests_start = time.monotonic()
     try:
@@ -375,11 +392,13 @@ def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, la
     return record.exit_code if record.exit_code is not None else verdict.exit_code
 
 
-def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
+def _pytest_child(req: RunRequest, run_dir: list[str], sock_parent: Path,
+                  pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """The pytest child of a run; `run_dir` its --harness-run-dir (or --harness-plan-fd) arguments."""
     # Node ids under the test directory (a reproduced single test) replace the directory.
     targets = [] if any(a.startswith(str(req.tests) + os.sep) for a in req.pytest_args) else [str(req.tests)]
     cmd = [sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-           "--harness-run-dir", str(run_dir), "-q", "--tb=short", "--no-header",
+           *run_dir, "-q", "--tb=short", "--no-header",
            "--rootdir", str(req.tests), *targets, *req.pytest_args]
     # The child's TMPDIR is the run's private directory, removed at the end,
     # so nothing pytest or xdist create there outlives the run. Its bytecode
@@ -394,8 +413,11 @@ def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
     # worker's identity must not leak into our pytest: it names the consoles.
     for var in [v for v in env if v.startswith("PYTEST_XDIST_") or v == "PYTEST_CURRENT_TEST"]:
         del env[var]
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent,
-                             stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent,
+                            stdin=subprocess.DEVNULL, pass_fds=pass_fds)
+
+
+def _wait_pytest(child: subprocess.Popen[bytes], req: RunRequest, run_dir: Path) -> int:
     try:
         return child.wait(timeout=req.timeout)
     except subprocess.TimeoutExpired:
@@ -408,3 +430,55 @@ def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
         raise
 
 
+def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
+    return _wait_pytest(_pytest_child(req, ["--harness-run-dir", str(run_dir)], sock_parent), req, run_dir)
+
+
+class EarlyPytest:
+    """The pytest child, started before the run is planned (a Launcher).
+
+    Python's and pytest's start-up, the plugin's imports (QMP, the console,
+    pexpect) and the guest tests' imports take about half a second, as long as
+    the probe and the plan; started first, the child does them meanwhile and
+    then waits (the plugin's `--harness-plan-fd`) for the run directory, which
+    the launcher writes into the pipe once plan.json is there. If the run ends
+    before that (bad input, an interrupt), `stop` stops the child.
+    """
+
+    def __init__(self, req: RunRequest) -> None:
+        self.sock_parent = _sock_parent()
+        read, self._write = os.pipe()
+        try:
+            self.child = _pytest_child(req, ["--harness-plan-fd", str(read)], self.sock_parent, (read,))
+        except BaseException:
+            os.close(self._write)
+            shutil.rmtree(self.sock_parent, ignore_errors=True)
+            raise
+        finally:
+            os.close(read)
+
+    @classmethod
+    def start(cls, req: RunRequest) -> EarlyPytest:
+        return cls(req)
+
+    def __call__(self, req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
+        fd, self._write = self._write, -1
+        try:
+            os.write(fd, os.fsencode(run_dir) + b"\n")  # a path is far below PIPE_BUF: one write
+        except BrokenPipeError:
+            pass  # the child is gone already (pytest refused its arguments): its exit status says why
+        finally:
+            os.close(fd)
+        return _wait_pytest(self.child, req, run_dir)
+
+    def stop(self) -> None:
+        """Stop the child if the run never got to it, and close the pipe (idempotent).
+
+        Stopped before the pipe closes: a pytest that reads EOF would say so on stderr,
+        after the runner's own one-line error."""
+        if self.child.poll() is None:
+            stop_group(self.child, term_wait=5.0)
+        if self._write >= 0:
+            os.close(self._write)
+            self._write = -1
+        shutil.rmtree(self.sock_parent, ignore_errors=True)
