@@ -24,7 +24,8 @@ from harness.kernel import PREBUILT_KERNEL
 from harness.runner import RunRequest, make_plan
 
 
-def run_suite(results: Path, workers: int, profile: str, kernel: str) -> tuple[float, dict[str, float], dict[str, int]]:
+def run_suite(results: Path, workers: int, profile: str,
+              kernel: str) -> tuple[float, dict[str, float], dict[str, int], dict[str, float]]:
     args = [sys.executable, "-m", "harness", "run", "--profile", profile, "--kernel", kernel,
             "--results", str(results)]
     if workers > 1:
@@ -38,15 +39,18 @@ def run_suite(results: Path, workers: int, profile: str, kernel: str) -> tuple[f
         print(proc.stdout[-2000:])
         raise SystemExit(f"suite failed (exit {proc.returncode}): {run_dir}")
     per: dict[str, float] = defaultdict(float)
+    tests: dict[str, float] = {}
     for rec in json.loads((run_dir / "tests.json").read_text()):
         per[rec["nodeid"].split("::")[0].removeprefix("test_").removesuffix(".py")] += rec["seconds"]
-    return wall, dict(per), meta["tests"]
+        tests[rec["nodeid"]] = rec["seconds"]
+    return wall, dict(per), meta["tests"], tests
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="emulated")
     ap.add_argument("--kernel", default=PREBUILT_KERNEL)
+    ap.add_argument("--slowest", type=int, default=10, metavar="N", help="list the N slowest tests")
     args = ap.parse_args()
     plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile))
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
@@ -65,9 +69,9 @@ def main() -> int:
             raws.append(time.monotonic() - start)
 
         raw()
-        serial, per, counts = run_suite(work / "serial", 1, args.profile, str(plan.kernel.image))
+        serial, per, counts, tests = run_suite(work / "serial", 1, args.profile, str(plan.kernel.image))
         raw()
-        parallel, _, _ = run_suite(work / "parallel", 2, args.profile, str(plan.kernel.image))
+        parallel, _, _, _ = run_suite(work / "parallel", 2, args.profile, str(plan.kernel.image))
         raw()
     unit = statistics.median(raws)
     print(f"kernel {plan.kernel.release}, profile {args.profile}, accel {plan.accel}; tests {counts}")
@@ -77,6 +81,9 @@ def main() -> int:
           f"speed-up {serial / parallel:.2f}x)")
     for name, seconds in sorted(per.items(), key=lambda kv: -kv[1]):
         print(f"  {name:10} {seconds:6.2f}s  ({seconds / unit:.2f}x the raw boot)")
+    print("slowest tests (1 VM; the first one's time includes the boot):")
+    for nodeid, seconds in sorted(tests.items(), key=lambda kv: -kv[1])[:args.slowest]:
+        print(f"  {seconds:6.2f}s  {nodeid}")
     return 0
 
 
