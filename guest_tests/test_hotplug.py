@@ -8,7 +8,6 @@ Whether QEMU uses ACPI or native PCIe hotplug is the profile's choice
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,7 +90,13 @@ def test_unplug_during_dma(machine: Machine, guest: GuestChannel, qmp: QmpChanne
     dev = _wait_disk(guest, plugged.device.bdf)
     guest.check(f"(dmastress -d {dev} -t 4 -n 100000 -r 4194304 > /tmp/busy.log 2>&1; echo $? > /tmp/busy.rc) &")
     assert wait_until(lambda: "dmastress" in guest.check("ps"), 10), "dmastress did not start"
-    time.sleep(0.5)
+    # Unplug once its DMA is under way: the disk has completed reads and writes. NVMe counts
+    # them on the path device (nvme0c0n1), not on the multipath head that dmastress opens.
+    def busy() -> bool:
+        out = guest.run(f"cat {plugged.device.path}/nvme/nvme*/nvme*n*/stat").stdout
+        return any(int(line.split()[0]) and int(line.split()[4]) for line in out.splitlines() if line.strip())
+
+    assert wait_until(busy, 10), "dmastress did no I/O"
     unplug(qmp, guest, plugged, timeout=60)
     # The workload must end (with I/O errors: its disk is gone) and the guest must stay healthy.
     assert wait_until(lambda: guest.run("test -s /tmp/busy.rc").ok, 60), "dmastress hung after the unplug"

@@ -84,7 +84,8 @@ def plug(qmp: QmpChannel, guest: GuestChannel, spec: str, vendor: str, device: s
                     and (driver is None or d.driver == driver)]
         return bool(found)
 
-    if not wait_until(appeared, timeout, 0.25):
+    # Each poll is one guest command (about 30 ms under TCG since pci_devices forks nothing).
+    if not wait_until(appeared, timeout, 0.1):
         want = f"{vendor}:{device}" + (f" bound to {driver}" if driver else "")
         raise HotplugFailure(
             f"hot-plugged {args['driver']} ({want}) did not show up in the guest within {timeout:.0f} s")

@@ -123,7 +123,7 @@ def slots(guest: GuestChannel) -> dict[str, dict[str, str]]:
     return table
 
 
-def wait_until(probe: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+def wait_until(probe: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
     """Poll `probe` until it is true or the deadline passes. Returns the last answer."""
     deadline = time.monotonic() + timeout
     while True:
