@@ -44,7 +44,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.
     ("orchestration", ("cli", "cli_args", "__main__", "runner", "nightly", "reproduce", "pytest_plugin",
-                       "probe_report", "bisect", "bisect_git", "bisect_step", "bisect_record", "labhost")),
+                       "probe_report", "bisect", "bisect_git", "bisect_step", "bisect_record", "labhost",
+                       "pytest_main")),
 )
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 
