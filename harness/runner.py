@@ -15,13 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,11 +32,12 @@ from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
 from harness.labhost import LabRequest, is_lab_host
 from harness.labhost import run as run_lab_host
-from harness.paths import GUEST_TESTS_DIR, atomic_write, cache_dir, default_kernel
+from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
-from harness.process import SOCK_PREFIX, die_with_parent, kill_machines, stop_group, sweep_stale
+from harness.process import kill_machines, sweep_stale
 from harness.profiles import load_profile
+from harness.pytest_child import EarlyPytest, new_sock_parent, pytest_child, wait_pytest
 from harness.results import read_records, write_records
 from harness.rundir import (
     Failure,
@@ -243,21 +241,29 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
     """Run the guest tests as `req` asks; returns the exit code. Raises BadInput/InfraError before
     a run directory exists (a selection of no tests removes the one it made).
 
-    `prober` reads the host's capabilities; `launcher` runs the guest tests (None: a pytest child).
+    `prober` reads the host's capabilities; `launcher` runs the guest tests (None: a pytest
+    child, started before the plan: see `EarlyPytest`; the command line may pass one it
+    started itself, even earlier).
     """
     start = time.monotonic()
-    launch = launcher or _run_pytest
-    if not req.dry_run:
-        _results_root(req)  # a bad --results is named before any build or boot
-    if req.target is not None:
-        return _run_remote(req, argv, start, launch)
-    if is_lab_host(load_profile(req.profile)):
-        return run_lab_host(LabRequest(
-            kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
-            pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout, timeout=req.timeout,
-            strict=req.strict, qemu_args=req.qemu_args), argv, req.dry_run, req.json)
-    early = EarlyPytest.start(req) if launcher is None and not req.dry_run and req.tests.is_dir() else None
+    early = launcher if isinstance(launcher, EarlyPytest) else None
+    launch: Launcher = _run_pytest if launcher is None or early is not None else launcher
     try:
+        if not req.dry_run:
+            _results_root(req)  # a bad --results is named before any build or boot
+        local = req.target is None and not is_lab_host(load_profile(req.profile))
+        if early is not None and not (local and not req.dry_run and early.runs(req.tests, req.pytest_args)):
+            early.stop()  # the command line started it before it knew
+            early = None
+        if req.target is not None:
+            return _run_remote(req, argv, start, launch)
+        if not local:
+            return run_lab_host(LabRequest(
+                kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
+                pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout,
+                timeout=req.timeout, strict=req.strict, qemu_args=req.qemu_args), argv, req.dry_run, req.json)
+        if early is None and launch is _run_pytest and not req.dry_run and req.tests.is_dir():
+            early = EarlyPytest(req.tests, req.pytest_args)
         return _run_local(req, argv, start, prober, early or launch)
     finally:
         if early is not None:
@@ -349,16 +355,9 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
     return _execute(req, run_dir, record, start, launch)
 
 
-def _sock_parent() -> Path:
-    """The run's private directory in TMPDIR, with the owner's pid (for `sweep_stale`)."""
-    sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
-    (sock_parent / "owner.pid").write_text(str(os.getpid()))
-    return sock_parent
-
-
 def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher,
              sock_parent: Path | None = None) -> int:
-    sock_parent = sock_parent or _sock_parent()
+    sock_parent = sock_parent or new_sock_parent()
     verdict = Verdict.infra("")
     tests_start = time.monotonic()
     try:
@@ -393,109 +392,6 @@ def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, la
     return record.exit_code if record.exit_code is not None else verdict.exit_code
 
 
-def _pytest_child(req: RunRequest, run_dir: list[str], sock_parent: Path,
-                  pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """The pytest child of a run; `run_dir` its --harness-run-dir (or --harness-plan-fd) arguments."""
-    # Node ids under the test directory (a reproduced single test) replace the directory.
-    targets = [] if any(a.startswith(str(req.tests) + os.sep) for a in req.pytest_args) else [str(req.tests)]
-    cmd = [sys.executable, "-m", "harness.pytest_main", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-           *run_dir, "-q", "--tb=short", "--no-header",
-           "--rootdir", str(req.tests), *targets, *req.pytest_args]
-    # The child's TMPDIR is the run's private directory, removed at the end,
-    # so nothing pytest or xdist create there outlives the run. Its bytecode
-    # (the harness's modules, and the guest tests as pytest rewrote their
-    # asserts) goes to the cache, never beside the sources: compiling and
-    # rewriting all of it again cost every run about 0.2 s.
-    env = dict(os.environ, HARNESS_SOCK_DIR=str(sock_parent), HARNESS_MACHINE_PREFIX=sock_parent.name,
-               TMPDIR=str(sock_parent))
-    env.setdefault("PYTHONPYCACHEPREFIX", str(cache_dir() / "pycache"))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    # Called from inside a pytest-xdist worker (a CI job's own tests), the
-    # worker's identity must not leak into our pytest: it names the consoles.
-    for var in [v for v in env if v.startswith("PYTEST_XDIST_") or v == "PYTEST_CURRENT_TEST"]:
-        del env[var]
-    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent,
-                            stdin=subprocess.DEVNULL, pass_fds=pass_fds)
-
-
-def _wait_exit(child: subprocess.Popen[bytes], timeout: float) -> int:
-    """Popen.wait(timeout), without its polling: that looks every 50 ms, so a run
-    noticed its tests had ended 25 ms late on average. A pidfd wakes us at once."""
-    try:
-        fd = os.pidfd_open(child.pid)
-    except (AttributeError, OSError):
-        return child.wait(timeout=timeout)
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-    finally:
-        os.close(fd)
-    if not ready:
-        raise subprocess.TimeoutExpired(child.args, timeout)
-    return child.wait()
-
-
-def _wait_pytest(child: subprocess.Popen[bytes], req: RunRequest, run_dir: Path) -> int:
-    try:
-        return _wait_exit(child, req.timeout)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: the fixtures in the child stop their VMs.
-        stop_group(child, term_wait=20.0)
-        (run_dir / "timeout.txt").write_text(f"guest tests exceeded --timeout {req.timeout:.0f} s\n")
-        return -1
-    except BaseException:
-        stop_group(child, term_wait=20.0)
-        raise
-
-
 def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
-    return _wait_pytest(_pytest_child(req, ["--harness-run-dir", str(run_dir)], sock_parent), req, run_dir)
-
-
-class EarlyPytest:
-    """The pytest child, started before the run is planned (a Launcher).
-
-    Python's and pytest's start-up, the plugin's imports (QMP, the console,
-    pexpect) and the guest tests' imports take about half a second, as long as
-    the probe and the plan; started first, the child does them meanwhile and
-    then waits (the plugin's `--harness-plan-fd`) for the run directory, which
-    the launcher writes into the pipe once plan.json is there. If the run ends
-    before that (bad input, an interrupt), `stop` stops the child.
-    """
-
-    def __init__(self, req: RunRequest) -> None:
-        self.sock_parent = _sock_parent()
-        read, self._write = os.pipe()
-        try:
-            self.child = _pytest_child(req, ["--harness-plan-fd", str(read)], self.sock_parent, (read,))
-        except BaseException:
-            os.close(self._write)
-            shutil.rmtree(self.sock_parent, ignore_errors=True)
-            raise
-        finally:
-            os.close(read)
-
-    @classmethod
-    def start(cls, req: RunRequest) -> EarlyPytest:
-        return cls(req)
-
-    def __call__(self, req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
-        fd, self._write = self._write, -1
-        try:
-            os.write(fd, os.fsencode(run_dir) + b"\n")  # a path is far below PIPE_BUF: one write
-        except BrokenPipeError:
-            pass  # the child is gone already (pytest refused its arguments): its exit status says why
-        finally:
-            os.close(fd)
-        return _wait_pytest(self.child, req, run_dir)
-
-    def stop(self) -> None:
-        """Stop the child if the run never got to it, and close the pipe (idempotent).
-
-        Stopped before the pipe closes: a pytest that reads EOF would say so on stderr,
-        after the runner's own one-line error."""
-        if self.child.poll() is None:
-            stop_group(self.child, term_wait=5.0)
-        if self._write >= 0:
-            os.close(self._write)
-            self._write = -1
-        shutil.rmtree(self.sock_parent, ignore_errors=True)
+    child = pytest_child(req.tests, req.pytest_args, ["--harness-run-dir", str(run_dir)], sock_parent)
+    return wait_pytest(child, req.timeout, run_dir)

@@ -45,7 +45,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Orchestration may import anything.
     ("orchestration", ("cli", "cli_args", "__main__", "runner", "nightly", "reproduce", "pytest_plugin",
                        "probe_report", "bisect", "bisect_git", "bisect_step", "bisect_record", "labhost",
-                       "pytest_main")),
+                       "pytest_main", "pytest_child")),
 )
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 
