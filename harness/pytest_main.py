@@ -18,12 +18,15 @@ def main() -> None:
     import pytest
 
     sys.argv[0] = "pytest"  # what pytest's usage lines call the program
-    code = pytest.console_main()
+    code = 1
     try:
+        code = int(pytest.main())
         sys.stdout.flush()
         sys.stderr.flush()
+    except BrokenPipeError:
+        code = 1  # as `python -m pytest` does when its output is gone (EPIPE)
     finally:
-        os._exit(int(code))
+        os._exit(code)
 
 
 if __name__ == "__main__":
