@@ -3,19 +3,24 @@
 harness: Machine.launch -> wait_boot (agent ready) -> one guest command -> shutdown.
 raw:     the same QEMU binary, kernel, initramfs (plus a 1-file appended cpio whose
          rdinit powers off at once), the same machine options; Popen to exit.
-Also the whole `harness run -k userspace` command for reference (Python and
-pytest start-up, results writing). Prints medians and the ratio.
+cli:     the whole command a user types, `harness run -k test_reached_userspace`
+         (Python and pytest start-up, probe, results written), in a fresh process.
+The three are interleaved, their order rotated each round so none always runs
+first on a loaded machine. Prints medians, the ratio of medians, and the
+median of the per-round ratios (each round's three ran within seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.cpio import CpioWriter
@@ -40,12 +45,12 @@ def main() -> int:
     ap.add_argument("--kernel", default=PREBUILT_KERNEL)
     ap.add_argument("--profile", default="emulated")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--also-tree", type=Path, default=None, metavar="DIR",
+                    help="also time the CLI of another checkout of the harness (e.g. the commit before a "
+                         "change, unpacked with git archive), in the same rounds")
     args = ap.parse_args()
     plan, _ = make_plan(RunRequest(kernel=args.kernel, profile=args.profile))
     print(f"kernel {plan.kernel.release}, profile {plan.profile.name}, accel {plan.accel}, {args.runs} runs each")
-    harness_t: list[float] = []
-    raw_t: list[float] = []
-    cli_t: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         initrd = work / "raw.cpio"
@@ -59,28 +64,49 @@ def main() -> int:
                     "-serial", f"file:{work}/raw-console.log"]
         for port in range(plan.profile.hotplug_ports):
             raw_argv += ["-device", f"pcie-root-port,id=hp{port},chassis={port + 1},slot={port + 1}"]
-        for i in range(args.runs):
-            start = time.monotonic()
-            subprocess.run(raw_argv, check=True, timeout=120, stdin=subprocess.DEVNULL)
-            raw_t.append(time.monotonic() - start)
 
-            start = time.monotonic()
+        def raw(i: int) -> None:
+            subprocess.run(raw_argv, check=True, timeout=120, stdin=subprocess.DEVNULL)
+
+        def library(i: int) -> None:
             with Machine(plan, work / f"h{i}", name="bench", sock_parent=work / "s") as m:
                 guest = m.wait_boot()
                 assert guest.check("uname -r").strip() == plan.kernel.release
-            harness_t.append(time.monotonic() - start)
 
-            start = time.monotonic()
-            subprocess.run([sys.executable, "-m", "harness", "run", "--kernel", str(plan.kernel.image),
-                            "--profile", args.profile, "--results", str(work / "results"), "-k", "userspace"],
-                           check=True, timeout=300, stdout=subprocess.DEVNULL)
-            cli_t.append(time.monotonic() - start)
-            print(f"  run {i + 1}: raw {raw_t[-1]:.2f}s  harness {harness_t[-1]:.2f}s  "
-                  f"harness run (CLI) {cli_t[-1]:.2f}s", flush=True)
-    raw, har, cli = (statistics.median(t) for t in (raw_t, harness_t, cli_t))
-    print(f"median raw QEMU boot->poweroff:           {raw:.2f}s")
-    print(f"median harness boot+command+shutdown:     {har:.2f}s  ratio {har / raw:.2f}x")
-    print(f"median `harness run -k userspace` (CLI):  {cli:.2f}s  ratio {cli / raw:.2f}x")
+        def cli(tree: Path | None) -> Callable[[int], None]:
+            env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
+
+            def step(i: int) -> None:
+                subprocess.run([sys.executable, "-m", "harness", "run", "--kernel", str(plan.kernel.image),
+                                "--profile", args.profile, "--results", str(work / "results"),
+                                "-k", "test_reached_userspace"],
+                               check=True, timeout=300, stdout=subprocess.DEVNULL, env=env, cwd=tree)
+            return step
+
+        steps: list[tuple[str, Callable[[int], None]]] = [
+            ("raw", raw), ("harness", library), ("harness run (CLI)", cli(None))]
+        if args.also_tree:
+            steps.append((f"CLI of {args.also_tree}", cli(args.also_tree.resolve())))
+        times: dict[str, list[float]] = {name: [] for name, _ in steps}
+        for i in range(args.runs):
+            k = i % len(steps)
+            for name, step in steps[k:] + steps[:k]:
+                start = time.monotonic()
+                step(i)
+                times[name].append(time.monotonic() - start)
+            print(f"  run {i + 1}: " + "  ".join(f"{name} {t[-1]:.2f}s" for name, t in times.items()), flush=True)
+    raw_t = times["raw"]
+    raw_m = statistics.median(raw_t)
+    print(f"median raw QEMU boot->poweroff: {raw_m:.2f}s")
+    labels = {"harness": "harness boot+command+shutdown (library)",
+              "harness run (CLI)": "`harness run -k test_reached_userspace` (CLI)"}
+    for name, t in times.items():
+        if name == "raw":
+            continue
+        med = statistics.median(t)
+        per_round = statistics.median(x / r for x, r in zip(t, raw_t, strict=True))
+        print(f"median {labels.get(name, name)}: {med:.2f}s  ratio {med / raw_m:.2f}x "
+              f"(median per-round ratio {per_round:.2f}x)")
     return 0
 
 

@@ -84,19 +84,29 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, pytest_args: list[str], argv: list[str]) -> int:
-    from harness.runner import RunRequest, run
-
     if args.json and not args.dry_run:
         raise BadInput("harness run: --json needs --dry-run")
     if args.label is not None and not args.label.strip():
         raise BadInput("harness run: --label needs a name")
-    req = RunRequest(kernel=args.kernel, profile=args.profile, append=args.append, results=args.results,
-                     tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
-                     timeout=args.timeout, boot_timeout=args.boot_timeout, dry_run=args.dry_run,
-                     json=args.json, params=parse_params(args.param, args.params), strict=args.strict,
-                     force=args.force, channel=args.channel, target=args.target, identity=args.identity,
-                     known_hosts=args.known_hosts, label=args.label.strip() if args.label else None)
-    return run(req, argv)
+    early = None
+    if not args.dry_run and args.target is None and args.tests.is_dir():
+        # The pytest child starts before the runner is even imported (see harness.pytest_child).
+        from harness.pytest_child import EarlyPytest
+
+        early = EarlyPytest(args.tests, pytest_args)
+    try:
+        from harness.runner import RunRequest, run
+
+        req = RunRequest(kernel=args.kernel, profile=args.profile, append=args.append, results=args.results,
+                         tests=args.tests, pytest_args=pytest_args, qemu_args=args.qemu_arg,
+                         timeout=args.timeout, boot_timeout=args.boot_timeout, dry_run=args.dry_run,
+                         json=args.json, params=parse_params(args.param, args.params), strict=args.strict,
+                         force=args.force, channel=args.channel, target=args.target, identity=args.identity,
+                         known_hosts=args.known_hosts, label=args.label.strip() if args.label else None)
+        return run(req, argv, launcher=early)
+    finally:
+        if early is not None:
+            early.stop()
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="host capabilities: KVM, SEV/SNP/TDX, IOMMU, vfio, QEMU, firmware")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--no-cache", action="store_true", help="re-run the KVM probe guest")
+    p.add_argument("--no-cache", action="store_true",
+                   help="probe everything again (KVM probe guest, QEMU queries, host dmesg) and refresh the "
+                        "answers later runs take from the cache")
     p.add_argument("--check-argv", action="store_true",
                    help="also start each profile's capable-host argv with -S and report QEMU's verdict")
     p.add_argument("--qemu", metavar="PATH",

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from harness.errors import BadInput
+from harness.paths import parse_yaml
 
 RULES_FILE = Path(__file__).resolve().parent / "dmesg_rules.yaml"
 SEVERITIES = ("error", "warning")
@@ -61,7 +62,7 @@ def _compile(text: str, where: str) -> re.Pattern[str]:
 def load_rules(path: Path = RULES_FILE) -> tuple[DmesgRule, ...]:
     """Rules from YAML. Raises BadInput naming the file, entry and key."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise BadInput(f"dmesg rules {path}: {e}") from None
     if not isinstance(data, list):
@@ -83,7 +84,7 @@ def load_allowlist(path: Path) -> tuple[Allow, ...]:
     if not path.exists():
         return ()
     try:
-        data = yaml.safe_load(path.read_text()) or []
+        data = parse_yaml(path.read_text()) or []
     except yaml.YAMLError as e:
         raise BadInput(f"dmesg allowlist {path}: malformed YAML: {getattr(e, 'problem', e)}") from None
     out = []

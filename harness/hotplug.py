@@ -13,6 +13,7 @@ before it is hot-plugged) is here too: `connect_host_device`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,31 +85,69 @@ def plug(qmp: QmpChannel, guest: GuestChannel, spec: str, vendor: str, device: s
                     and (driver is None or d.driver == driver)]
         return bool(found)
 
-    if not wait_until(appeared, timeout, 0.25):
+    # Each poll is one guest command (about 30 ms under TCG since pci_devices forks nothing).
+    if not wait_until(appeared, timeout, 0.1):
         want = f"{vendor}:{device}" + (f" bound to {driver}" if driver else "")
         raise HotplugFailure(
             f"hot-plugged {args['driver']} ({want}) did not show up in the guest within {timeout:.0f} s")
     return Plugged(str(args["id"]), found[0])
 
 
-def unplug(qmp: QmpChannel, guest: GuestChannel, plugged: Plugged, timeout: float = 30.0) -> None:
-    """device_del; wait for DEVICE_DELETED and for the guest to forget the function."""
+def unplug(qmp: QmpChannel, guest: GuestChannel, plugged: Plugged, timeout: float = 30.0,
+           prompt: bool = True) -> None:
+    """device_del; wait for DEVICE_DELETED and for the guest to forget the function.
+
+    With native PCIe hotplug QEMU's device_del presses the slot's attention
+    button, and pciehp blinks the power indicator for 5 s (the window in which
+    an operator may cancel) before it powers the slot off. `prompt` (default)
+    confirms the removal from the guest instead, once the kernel has taken the
+    button press: `echo 0 > /sys/bus/pci/slots/<slot>/power`, Linux's own way
+    to power a slot off, which cancels the wait. `prompt=False` waits it out.
+    ACPI hotplug has no such wait, and nothing is written then.
+    """
     since = len(qmp.events())
     try:
         qmp.execute("device_del", {"id": plugged.id})
     except ExecuteError as e:
         raise InfraError(f"QEMU refused device_del {plugged.id}: {e}") from None
-    event = qmp.wait_event("DEVICE_DELETED", timeout, since=since,
-                           match=lambda ev: ev.get("data", {}).get("device") == plugged.id)
-    refused = [ev for ev in qmp.events()[since:] if ev.get("event") == "DEVICE_UNPLUG_GUEST_ERROR"]
-    if refused:
+    deadline = time.monotonic() + timeout
+
+    def deleted(wait: float) -> dict[str, Any] | None:
+        return qmp.wait_event("DEVICE_DELETED", wait, since=since,
+                              match=lambda ev: ev.get("data", {}).get("device") == plugged.id)
+
+    def refused() -> list[dict[str, Any]]:
+        return [ev for ev in qmp.events()[since:] if ev.get("event") == "DEVICE_UNPLUG_GUEST_ERROR"]
+
+    # ACPI hotplug usually answers within this, with no command in the guest.
+    event = deleted(min(0.2, timeout))
+    confirmed = not prompt
+    while event is None and not confirmed and not refused() and time.monotonic() < deadline:
+        confirmed = _confirm_native_removal(guest, plugged.device.bdf)
+        event = deleted(0.0 if confirmed else min(0.1, max(0.0, deadline - time.monotonic())))
+    if event is None and not refused():
+        event = deleted(max(0.0, deadline - time.monotonic()))
+    if refused():
         raise HotplugFailure(
-            f"guest refused to unplug {plugged.id}: DEVICE_UNPLUG_GUEST_ERROR {refused[0].get('data')}")
+            f"guest refused to unplug {plugged.id}: DEVICE_UNPLUG_GUEST_ERROR {refused()[0].get('data')}")
     if event is None:
         raise HotplugFailure(
             f"no DEVICE_DELETED for {plugged.id} within {timeout:.0f} s (the guest did not release it)")
     if not wait_until(lambda: not path_exists(guest, plugged.device.path), timeout):
         raise HotplugFailure(f"guest still shows {plugged.device.bdf} after DEVICE_DELETED")
+
+
+def _confirm_native_removal(guest: GuestChannel, bdf: str) -> bool:
+    """Power off the pciehp slot holding `bdf` if pciehp's last word on it is the button press
+    (its blink state); True if done. A slot of ACPI hotplug never says so: False."""
+    slot = bdf.rsplit(".", 1)[0]
+    out = guest.run(
+        f"for s in /sys/bus/pci/slots/*; do a=; read a 2>/dev/null < $s/address; "
+        f"[ \"$a\" = {slot} ] && n=${{s##*/}}; done; "
+        "[ -n \"$n\" ] || exit 0; l=$(dmesg | grep \"pciehp: Slot($n)\" | tail -n 1); "
+        "case \"$l\" in *'Powering off due to button press'*) "
+        "echo 0 > /sys/bus/pci/slots/$n/power && echo confirmed;; esac").stdout
+    return out.strip() == "confirmed"
 
 
 @dataclass(frozen=True)

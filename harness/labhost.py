@@ -38,11 +38,10 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import __version__
 from harness.errors import HarnessError, InfraError, KernelFault, Terminated
-from harness.guest import CommandResult, GuestChannel
 from harness.initramfs import build_initramfs
 from harness.labplan import (
     INNER_MARGIN,
@@ -57,12 +56,16 @@ from harness.labplan import (
     with_share,
     write_meta,
 )
-from harness.machine import Machine
 from harness.paths import REPO, atomic_write
 from harness.plan import LaunchPlan
 from harness.profiles import load_profile
 from harness.rundir import new_run_id
 from harness.tools import build_tools
+
+if TYPE_CHECKING:
+    # `harness run` imports this module: the machine (QMP, asyncio, the console) is loaded only
+    # when a lab-host run starts one.
+    from harness.guest import CommandResult, GuestChannel
 
 
 class LabHost:
@@ -75,6 +78,8 @@ class LabHost:
                  name: str = "harness-l1", echo: bool = False) -> None:
         self.plan = plan
         self.share = share
+        from harness.machine import Machine
+
         self.machine = Machine(plan, run_dir, name=name, sock_parent=sock_parent)
         self.echo = echo
         self.times: dict[str, float] = {}

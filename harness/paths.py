@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES_DIR = REPO / "qemu_cmdlines"
@@ -34,6 +35,14 @@ def cache_dir() -> Path:
     return path
 
 
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` with libyaml's parser where PyYAML was built with it: the same
+    documents, ten times faster (the dmesg rules took 8 ms in Python on every run)."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def load_yaml(path: Path, what: str) -> object:
     """YAML from a file the user named; BadInput (naming `what` and the file) if unreadable."""
     import yaml
@@ -41,7 +50,7 @@ def load_yaml(path: Path, what: str) -> object:
     from harness.errors import BadInput
 
     try:
-        return yaml.safe_load(path.read_text())
+        return parse_yaml(path.read_text())
     except OSError as e:
         raise BadInput(f"{what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:

@@ -40,6 +40,7 @@ def probe(qemu: str | None, use_cache: bool, check_argv: bool, as_json: bool) ->
             shown = fact.evidence
         print(f"{name:20} {shown:34} {'' if name == 'kvm' else fact.evidence}".rstrip())
     print(f"{'pci tsm':20} {caps.pci_tsm.summary()}")
+    print(f"{'probe cache':20} {'used' if caps.probe_cache.cached else 'not used':34} {caps.probe_cache.note}")
     print(f"\nguests here run under {'KVM' if caps.kvm_usable else 'TCG (software emulation)'}\n")
     width = max(len(row["profile"]) for row in table)
     for row in table:

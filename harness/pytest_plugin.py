@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +120,47 @@ _MACHINE = pytest.StashKey[Machine]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness")
     group.addoption("--harness-run-dir", default=None, help="run directory holding plan.json")
+    group.addoption("--harness-plan-fd", type=int, default=None,
+                    help="read the run directory from this pipe once the run is planned (see runner.EarlyPytest)")
     group.addoption("--hotplug-cycles", type=int, default=3, help="plug/unplug cycles per hotplug test")
+
+
+# How long a pytest started before its run was planned waits for the plan: the
+# plan may build a kernel first. The runner's own deadlines end it sooner (its
+# death closes the pipe), so this only bounds a runner that hangs.
+_PLAN_WAIT = 6 * 3600.0
+
+
+def _await_plan(config: pytest.Config) -> None:
+    """With --harness-plan-fd: wait for the runner to write the run directory into the pipe.
+
+    The runner closing the pipe first (it failed to plan, or died) ends this
+    pytest with exit 3 before it collects or boots anything.
+    """
+    fd = config.getoption("harness_plan_fd")
+    if fd is None:
+        return
+    if hasattr(config, "workerinput"):
+        # An xdist worker gets its controller's command line, not its options.
+        config.option.harness_run_dir = config.workerinput.get("harness_run_dir")
+        return
+    with open(fd, "rb", closefd=True) as pipe:
+        ready, _, _ = select.select([pipe], [], [], _PLAN_WAIT)
+        path = pipe.readline().strip() if ready else b""
+    if not path:
+        pytest.exit("harness: the run was not planned (its runner stopped first)", returncode=3)
+    config.option.harness_run_dir = os.fsdecode(path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist, in the controller: the run directory goes to each worker."""
+    node.workerinput["harness_run_dir"] = node.config.getoption("harness_run_dir")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dmesg_allow(rule, pattern='.', reason=''): expected dmesg lines")
+    _await_plan(config)
     if not config.getoption("harness_run_dir"):
         return
     # SIGTERM becomes an exception, so fixture teardown stops the VM.

@@ -23,9 +23,7 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,8 +42,9 @@ from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
 from harness.probe import HostCaps, probe_host
 from harness.probe.kmsg import HostKernelLog
-from harness.process import SOCK_PREFIX, die_with_parent, kill_machines, stop_group, sweep_stale
+from harness.process import kill_machines, sweep_stale
 from harness.profiles import load_profile
+from harness.pytest_child import EarlyPytest, new_sock_parent, pytest_child, wait_pytest
 from harness.results import read_records, write_records
 from harness.rundir import (
     Failure,
@@ -61,7 +60,6 @@ from harness.rundir import (
     timestamp,
     write_run,
 )
-from harness.runindex import index_run
 from harness.timeline import host_events, write_timeline
 from harness.tools import build_tools
 from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
@@ -251,19 +249,36 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
     """Run the guest tests as `req` asks; returns the exit code. Raises BadInput/InfraError before
     a run directory exists (a selection of no tests removes the one it made).
 
-    `prober` reads the host's capabilities; `launcher` runs the guest tests (None: a pytest child).
+    `prober` reads the host's capabilities; `launcher` runs the guest tests (None: a pytest
+    child, started before the plan: see `EarlyPytest`; the command line may pass one it
+    started itself, even earlier).
     """
     start = time.monotonic()
-    launch = launcher or _run_pytest
-    if not req.dry_run:
-        _results_root(req)  # a bad --results is named before any build or boot
-    if req.target is not None:
-        return _run_remote(req, argv, start, launch)
-    if is_lab_host(load_profile(req.profile)):
-        return run_lab_host(LabRequest(
-            kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
-            pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout, timeout=req.timeout,
-            strict=req.strict, qemu_args=req.qemu_args), argv, req.dry_run, req.json)
+    early = launcher if isinstance(launcher, EarlyPytest) else None
+    launch: Launcher = _run_pytest if launcher is None or early is not None else launcher
+    try:
+        if not req.dry_run:
+            _results_root(req)  # a bad --results is named before any build or boot
+        local = req.target is None and not is_lab_host(load_profile(req.profile))
+        if early is not None and not (local and not req.dry_run and early.runs(req.tests, req.pytest_args)):
+            early.stop()  # the command line started it before it knew
+            early = None
+        if req.target is not None:
+            return _run_remote(req, argv, start, launch)
+        if not local:
+            return run_lab_host(LabRequest(
+                kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
+                pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout,
+                timeout=req.timeout, strict=req.strict, qemu_args=req.qemu_args), argv, req.dry_run, req.json)
+        if early is None and launch is _run_pytest and not req.dry_run and req.tests.is_dir():
+            early = EarlyPytest(req.tests, req.pytest_args)
+        return _run_local(req, argv, start, prober, early or launch)
+    finally:
+        if early is not None:
+            early.stop()
+
+
+def _run_local(req: RunRequest, argv: list[str], start: float, prober: Prober, launch: Launcher) -> int:
     plan, caps = make_plan(req, prober)
     if req.dry_run:
         _print_dry_run(plan, req.json)
@@ -288,7 +303,8 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
             print(f"profile {plan.requested} FELL BACK to {plan.profile.name}: {'; '.join(plan.reasons)}",
                   flush=True)
         print_diagnostics(plan.diagnostics)
-        return _execute(req, run_dir, record, start, launch)
+        return _execute(req, run_dir, record, start, launch,
+                        sock_parent=launch.sock_parent if isinstance(launch, EarlyPytest) else None)
 
 
 def _print_dry_run(plan: LaunchPlan, as_json: bool) -> None:
@@ -348,21 +364,21 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
 
 
 def _execute(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher,
-             local: bool = True) -> int:
+             local: bool = True, sock_parent: Path | None = None) -> int:
     """Run the guest tests and finish the run directory; `local`: the VMs run on this host,
-    whose kernel log belongs in the timeline."""
+    whose kernel log belongs in the timeline; `sock_parent`: the VMs' socket directory, when the
+    early pytest child already made it."""
     events = EventLog(run_dir / EVENTS)
     try:
         return _execute_logged(req, run_dir, record, start, launch, events,
-                               HostKernelLog() if local else None)
+                               HostKernelLog() if local else None, sock_parent)
     finally:
         events.close()
 
 
 def _execute_logged(req: RunRequest, run_dir: Path, record: RunRecord, start: float, launch: Launcher,
-                    events: EventLog, host_log: HostKernelLog | None) -> int:
-    sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
-    (sock_parent / "owner.pid").write_text(str(os.getpid()))
+                    events: EventLog, host_log: HostKernelLog | None, sock_parent: Path | None) -> int:
+    sock_parent = sock_parent or new_sock_parent()
     verdict = Verdict.infra("")
     tests_start = time.monotonic()
     events.emit(Source.HARNESS, "tests-started", "guest tests started (pytest)")
@@ -402,6 +418,8 @@ def _execute_logged(req: RunRequest, run_dir: Path, record: RunRecord, start: fl
     print_summary(run_dir, record, records)
     try:
         # The index serves `harness compare --last N --test NAME`; a run never fails over it.
+        from harness.runindex import index_run  # here: it loads compare, sqlite3
+
         index_run(run_dir)
     except Exception as e:  # noqa: BLE001
         print(f"warning: run not added to {run_dir.parent}/index.sqlite: {e}", file=sys.stderr)
@@ -409,30 +427,5 @@ def _execute_logged(req: RunRequest, run_dir: Path, record: RunRecord, start: fl
 
 
 def _run_pytest(req: RunRequest, run_dir: Path, sock_parent: Path) -> int:
-    # Node ids under the test directory (a reproduced single test) replace the directory.
-    targets = [] if any(a.startswith(str(req.tests) + os.sep) for a in req.pytest_args) else [str(req.tests)]
-    cmd = [sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-           "--harness-run-dir", str(run_dir), "-q", "--tb=short", "--no-header",
-           "--rootdir", str(req.tests), *targets, *req.pytest_args]
-    # The child's TMPDIR is the run's private directory, removed at the end,
-    # so nothing pytest or xdist create there outlives the run.
-    env = dict(os.environ, HARNESS_SOCK_DIR=str(sock_parent), HARNESS_MACHINE_PREFIX=sock_parent.name,
-               TMPDIR=str(sock_parent), PYTHONDONTWRITEBYTECODE="1")
-    # Called from inside a pytest-xdist worker (a CI job's own tests), the
-    # worker's identity must not leak into our pytest: it names the consoles.
-    for var in [v for v in env if v.startswith("PYTEST_XDIST_") or v == "PYTEST_CURRENT_TEST"]:
-        del env[var]
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent,
-                             stdin=subprocess.DEVNULL)
-    try:
-        return child.wait(timeout=req.timeout)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: the fixtures in the child stop their VMs.
-        stop_group(child, term_wait=20.0)
-        (run_dir / "timeout.txt").write_text(f"guest tests exceeded --timeout {req.timeout:.0f} s\n")
-        return -1
-    except BaseException:
-        stop_group(child, term_wait=20.0)
-        raise
-
-
+    child = pytest_child(req.tests, req.pytest_args, ["--harness-run-dir", str(run_dir)], sock_parent)
+    return wait_pytest(child, req.timeout, run_dir)

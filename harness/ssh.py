@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import paramiko
-
 from harness import process
 from harness.errors import BadInput, GuestUnresponsive, InfraError
 from harness.guest import AgentSession, ChannelFactory, CommandFailed, CommandResult, GuestChannel, short
@@ -73,6 +71,8 @@ def make_guest_keys(directory: Path) -> GuestKeys:
     dropbearkey = shutil.which("dropbearkey")
     if dropbearkey is None:
         raise InfraError("dropbearkey not found: install the dropbear-bin package for the ssh channel")
+    import paramiko  # here, not at the top: a serial-channel run never loads it (a tenth of a second)
+
     client = paramiko.ECDSAKey.generate(bits=256)
     client_path = directory / "client_key"
     client.write_private_key_file(str(client_path))
@@ -91,6 +91,8 @@ class SshSession(GuestChannel):
     def __init__(self, target: SshTarget, key_file: Path, host_key: str | None = None,
                  known_hosts: Path | None = None, connect_timeout: float = 30.0,
                  default_timeout: float = 60.0) -> None:
+        import paramiko
+
         self.target = target
         self.default_timeout = default_timeout
         self._client = paramiko.SSHClient()
@@ -110,6 +112,8 @@ class SshSession(GuestChannel):
         self._connect(connect_timeout)
 
     def _connect(self, budget: float) -> None:
+        import paramiko
+
         deadline = time.monotonic() + budget
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -134,6 +138,8 @@ class SshSession(GuestChannel):
 
         Raises GuestUnresponsive if the session dies or does not answer in time.
         """
+        import paramiko
+
         if self.closed:
             raise GuestUnresponsive(f"{self.target.url}: session closed")
         limit = self.default_timeout if timeout is None else timeout
@@ -163,6 +169,8 @@ class SshSession(GuestChannel):
         return self._stream(f"cat {shlex.quote(remote)}", None)
 
     def _stream(self, command: str, data: bytes | None) -> bytes:
+        import paramiko
+
         try:
             stdin, stdout, stderr = self._client.exec_command(command, timeout=self.default_timeout)
             if data is not None:

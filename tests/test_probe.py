@@ -3,10 +3,13 @@ ABI documents), real QEMU for the KVM probe guest; the host side of the TIO work
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -183,3 +186,138 @@ def test_firmware_search_paths(tmp_path: Path, files: list[str], name: str, foun
     assert fact.value == found, fact
     if found is None:
         assert "/usr/share/edk2/ovmf/OVMF.inteltdx.fd" in fact.evidence
+
+
+class _ProbeCommands:
+    """Records every command the probe starts through harness.process: QEMU's queries and
+    dmesg (they still run, for real; the KVM probe guest is not among them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import harness.probe.qemu as probe_qemu
+
+        self.argvs: list[list[str]] = []
+        real = probe_qemu.process.run
+
+        def recording(argv: list[str], **kwargs: Any) -> Any:
+            self.argvs.append(list(argv))
+            return real(argv, **kwargs)
+
+        monkeypatch.setattr(probe_qemu.process, "run", recording)
+
+    def take(self) -> list[list[str]]:
+        taken, self.argvs = self.argvs, []
+        return taken
+
+
+@pytest.fixture
+def probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private cache and boot id file; the KVM probe guest's deadline short (this host's
+    /dev/kvm may be one where it always times out, and each new QEMU file probes again)."""
+    import harness.probe.cache
+    import harness.probe.kvm
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HARNESS_PROBE_CACHE", raising=False)
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text("11111111-2222-3333-4444-555555555555\n")
+    monkeypatch.setattr(harness.probe.cache, "BOOT_ID", boot_id)
+    monkeypatch.setattr(harness.probe.kvm, "KVM_PROBE_DEADLINE", 0.5)
+    return boot_id
+
+
+# --version, -object help, QMP qom-list-properties, -device vfio-pci,help: each once; and dmesg.
+_PROBED = 5
+
+
+def _same_answers(a: Any, b: Any) -> None:
+    for name in ("qemu_version", "qemu_objects", "qemu_properties", "vfio_tio", "vfio_iommufd", "sev", "sev_snp",
+                 "tdx"):
+        assert getattr(a, name) == getattr(b, name), name
+
+
+def test_probe_cache_answers_the_second_probe_without_starting_qemu(
+        probe_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _ProbeCommands(monkeypatch)
+    qemu = find_qemu()
+    assert qemu
+    first = probe_host(qemu=qemu)
+    assert len(runs.take()) == _PROBED
+    assert first.probe_cache.cached is False and first.probe_cache.probed_at
+    second = probe_host(qemu=qemu)
+    assert runs.take() == []
+    assert second.probe_cache.cached is True and second.probe_cache.probed_at == first.probe_cache.probed_at
+    assert "from the probe at" in second.probe_cache.note and "the rest read now" in second.probe_cache.note
+    _same_answers(first, second)
+    assert second.to_json()["probe_cache"]["cached"] is True
+    # No cache asked for: everything probed again, and the new answers kept.
+    third = probe_host(qemu=qemu, use_cache=False)
+    assert len(runs.take()) == _PROBED and third.probe_cache.cached is False
+    monkeypatch.setenv("HARNESS_PROBE_CACHE", "0")
+    assert probe_host(qemu=qemu).probe_cache.cached is False and len(runs.take()) == _PROBED
+
+
+def test_probe_cache_is_dropped_for_a_changed_qemu_binary(probe_cache: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _ProbeCommands(monkeypatch)
+    real = find_qemu()
+    assert real
+    qemu = tmp_path / "bin" / "qemu-system-x86_64"
+    qemu.parent.mkdir()
+    shutil.copy2(real, qemu)
+    before = probe_host(qemu=str(qemu))
+    assert before.probe_cache.cached is False and len(runs.take()) == _PROBED
+    assert probe_host(qemu=str(qemu)).probe_cache.cached is True and runs.take() == []
+    # Same file, new mtime (a rebuild that happens to keep the size): probed again.
+    st = qemu.stat()
+    os.utime(qemu, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = probe_host(qemu=str(qemu))
+    assert touched.probe_cache.cached is False and len(runs.take()) == _PROBED
+    # Another program at the same path (a wrapper: another size): probed again.
+    qemu.unlink()
+    qemu.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    qemu.chmod(0o755)
+    wrapped = probe_host(qemu=str(qemu))
+    assert wrapped.probe_cache.cached is False and len(runs.take()) == _PROBED
+    _same_answers(before, wrapped)
+    assert probe_host(qemu=str(qemu)).probe_cache.cached is True and runs.take() == []
+
+
+def test_probe_cache_is_dropped_after_a_reboot(probe_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _ProbeCommands(monkeypatch)
+    qemu = find_qemu()
+    assert qemu
+    probe_host(qemu=qemu)
+    runs.take()
+    assert probe_host(qemu=qemu).probe_cache.cached is True
+    probe_cache.write_text("99999999-2222-3333-4444-555555555555\n")
+    rebooted = probe_host(qemu=qemu)
+    assert rebooted.probe_cache.cached is False and len(runs.take()) == _PROBED
+    assert "99999999" in (rebooted.probe_cache.key or "")
+    # A host whose boot id cannot be read is never answered from the cache.
+    probe_cache.unlink()
+    for _ in range(2):
+        unknown = probe_host(qemu=qemu)
+        assert unknown.probe_cache.cached is False and "not cached" in unknown.probe_cache.note
+        assert len(runs.take()) == _PROBED
+
+
+def test_recorded_host_trees_are_never_cached(probe_cache: Path, tmp_path: Path) -> None:
+    caps = probe_host(recorded_host("snp-host", tmp_path / "root"))
+    assert caps.probe_cache.cached is False and "recorded host tree" in caps.probe_cache.note
+    assert not list((tmp_path / "cache" / "probe").glob("qemu-*.json"))
+
+
+def test_probe_cache_record_it_cannot_read_is_probed_again(probe_cache: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _ProbeCommands(monkeypatch)
+    qemu = find_qemu()
+    assert qemu
+    probe_host(qemu=qemu)
+    runs.take()
+    (record,) = (tmp_path / "cache" / "probe").glob("qemu-*.json")
+    doc = json.loads(record.read_text())
+    doc["data"]["qemu"] = {"version": "9.9"}  # another harness version's layout
+    record.write_text(json.dumps(doc))
+    again = probe_host(qemu=qemu)
+    assert again.probe_cache.cached is False and len(runs.take()) == _PROBED
+    assert again.qemu_version.value != "9.9" and probe_host(qemu=qemu).probe_cache.cached is True

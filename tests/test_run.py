@@ -11,12 +11,19 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from junitparser import JUnitXml
 
+from harness.errors import InfraError
+from harness.kernel import PREBUILT_KERNEL
+from harness.probe import HostCaps
+from harness.process import alive, processes
 from harness.profiles import available
+from harness.runner import RunRequest, run
 from tests.conftest import REPO, Cli, meta
 
 GUEST_TESTS = REPO / "guest_tests"
@@ -199,3 +206,39 @@ def test_probe_command(cli: Cli) -> None:
     assert "usable (" in kvm_line
     data = json.loads(cli("probe", "--json").stdout)
     assert {"kvm", "qemu", "qemu_version", "sev_snp", "tdx", "iommu", "vfio_pci", "firmware"} <= set(data)
+
+
+def _children_waiting_for_a_plan() -> list[int]:
+    """This process's pytest children started before their run was planned."""
+    found = []
+    for pid, argv in processes():
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"--harness-plan-fd" in argv:
+            found.append(pid)
+    return found
+
+
+def test_pytest_starts_while_the_run_is_planned_and_stops_when_the_plan_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    # The child's private directory goes to this test's TMPDIR.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
+    during: list[list[int]] = []
+
+    def prober() -> HostCaps:
+        during.append(_children_waiting_for_a_plan())
+        raise InfraError("the probe failed on purpose")
+
+    req = RunRequest(kernel=PREBUILT_KERNEL, profile="emulated", results=tmp_path / "results",
+                     pytest_args=["-k", "test_reached_userspace"])
+    with pytest.raises(InfraError, match="on purpose"):
+        run(req, [], prober=prober)
+    assert len(during) == 1 and len(during[0]) == 1, "the pytest child was not started before the probe"
+    assert _children_waiting_for_a_plan() == []
+    assert not alive(during[0][0])
+    assert list((tmp_path / "t").iterdir()) == [] and not (tmp_path / "results").exists()
+    # Stopped before it could read the closed pipe: nothing of it on the terminal.
+    assert capfd.readouterr().err == ""

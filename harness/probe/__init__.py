@@ -12,7 +12,7 @@
 File reads go through `root` so tests can feed recorded /sys, /proc and /dev trees.
 """
 
-from harness.probe.caps import HostCaps, probe_host
+from harness.probe.caps import HostCaps, ProbeSource, probe_host
 from harness.probe.facts import Fact
 from harness.probe.host import host_dmesg, read_cbitpos
 from harness.probe.kvm import KVM_PROBE_DEADLINE, probe_kvm, pvh_probe_image
@@ -33,7 +33,7 @@ from harness.probe.tsm import PciTsmState, TsmDevice, read_pci_tsm
 
 __all__ = [
     "KVM_PROBE_DEADLINE", "QEMU_CANDIDATES", "QEMU_OBJECTS", "QEMU_PROPERTY_OBJECTS", "Fact", "HostCaps",
-    "PciTsmState", "TsmDevice", "check_qemu_binary", "find_qemu", "host_dmesg", "parse_property_help",
+    "PciTsmState", "ProbeSource", "TsmDevice", "check_qemu_binary", "find_qemu", "host_dmesg", "parse_property_help",
     "probe_host", "probe_kvm", "pvh_probe_image", "qemu_object_properties", "qemu_objects", "qemu_version",
     "qemu_vfio_iommufd", "qemu_vfio_tio", "read_cbitpos", "read_pci_tsm",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.probe import cache
 from harness.probe.facts import Fact
 from harness.probe.firmware import find_firmware
 from harness.probe.host import (
+    dmesg_evidence,
     host_dmesg,
     iommu_fact,
     module_flag,
@@ -17,17 +20,19 @@ from harness.probe.host import (
     with_dmesg,
 )
 from harness.probe.kvm import probe_kvm
-from harness.probe.qemu import (
-    QEMU_PROPERTY_OBJECTS,
-    find_qemu,
-    qemu_object_properties,
-    qemu_objects,
-    qemu_origin,
-    qemu_version,
-    qemu_vfio_iommufd,
-    qemu_vfio_tio,
-)
+from harness.probe.qemu import QemuAnswers, ask_qemu, find_qemu, qemu_origin
 from harness.probe.tsm import PciTsmState, read_pci_tsm
+
+
+@dataclass(frozen=True)
+class ProbeSource:
+    """Where the QEMU answers and the host dmesg lines in a HostCaps came from: probed now,
+    or the cache of an earlier probe on this host boot with this QEMU binary (`probed_at`)."""
+
+    cached: bool
+    probed_at: str | None
+    key: str | None
+    note: str
 
 
 @dataclass
@@ -49,6 +54,7 @@ class HostCaps:
     # Per object type: its properties as a comma-separated list (QMP qom-list-properties).
     qemu_properties: dict[str, Fact] = field(default_factory=dict)
     pci_tsm: PciTsmState = field(default_factory=lambda: PciTsmState((), (), "not probed"))
+    probe_cache: ProbeSource = ProbeSource(False, None, None, "probed now")
 
     def qemu_has_property(self, qom_type: str, prop: str) -> tuple[bool, str]:
         """Whether the probed QEMU's `qom_type` object takes `prop`, and the evidence."""
@@ -97,33 +103,71 @@ class HostCaps:
         return asdict(self)
 
 
+_CACHED = ("qemu_version", "qemu_objects", "qemu_properties", "vfio_tio", "vfio_iommufd",
+           "the dmesg lines in sev, sev_snp and tdx")
+
+
+def _answers(qemu: str | None, root: Path,
+             use_cache: bool) -> tuple[QemuAnswers | None, dict[str, str] | None, ProbeSource]:
+    """QEMU's answers and the host's dmesg lines: from the cache for this host boot and QEMU
+    binary when there is one (and `use_cache`), else probed (and stored for the next run)."""
+    key = cache.cache_key(os.path.abspath(qemu)) if qemu is not None and root == Path("/") else None
+    if key is None:
+        why = "no QEMU" if qemu is None else ("a recorded host tree" if root != Path("/")
+                                              else "host boot id or QEMU binary not readable: not cached")
+        return (ask_qemu(qemu) if qemu else None), dmesg_evidence(host_dmesg(root)), \
+            ProbeSource(False, None, None, f"probed now ({why})")
+    if use_cache:
+        hit = cache.load(key)
+        if hit is not None:
+            try:
+                cached_answers = QemuAnswers.from_json(hit.data["qemu"])
+                cached_dmesg = hit.data["dmesg"]
+                if cached_dmesg is None or isinstance(cached_dmesg, dict):
+                    return cached_answers, cached_dmesg, ProbeSource(
+                        True, hit.probed_at, key.text(),
+                        f"{', '.join(_CACHED)} from the probe at {hit.probed_at} ({key.describe()}); "
+                        "the rest read now")
+            except (KeyError, TypeError, ValueError):
+                pass  # another version's record: probe again
+    answers = ask_qemu(qemu) if qemu else None
+    dmesg = dmesg_evidence(host_dmesg(root))
+    stored = cache.store(key, {"qemu": answers.to_json() if answers else None, "dmesg": dmesg})
+    return answers, dmesg, ProbeSource(False, stored.probed_at, key.text(),
+                                       f"probed now; kept for {key.describe()}")
+
+
 def probe_host(root: Path = Path("/"), use_cache: bool = True, qemu: str | None = None) -> HostCaps:
     """Read the host's capabilities. Never raises for a missing capability.
 
     `qemu` overrides the QEMU binary (`harness probe --qemu PATH`); otherwise
-    $HARNESS_QEMU, then qemu-system-x86_64 on PATH.
+    $HARNESS_QEMU, then qemu-system-x86_64 on PATH. QEMU's answers and the host
+    dmesg lines come from `harness.probe.cache` when this host boot already
+    probed this QEMU binary (`probe_cache` says so and when); `use_cache=False`
+    (or HARNESS_PROBE_CACHE=0) probes everything again, the KVM probe guest
+    included, and stores the new answers.
     """
+    use_cache = use_cache and os.environ.get("HARNESS_PROBE_CACHE", "1") != "0"
     given = qemu
     qemu = find_qemu(given)
-    version = qemu_version(qemu) if qemu else None
-    objects = qemu_objects(qemu) if qemu else []
-    log = host_dmesg(root)
+    answers, dmesg, source = _answers(qemu, root, use_cache)
     return HostCaps(
         kvm=probe_kvm(qemu, root, use_cache),
         qemu=Fact(qemu, qemu_origin(given, qemu)),
-        qemu_version=Fact(version, f"{qemu} --version" if qemu else "no QEMU"),
-        qemu_objects=Fact(",".join(objects), f"{qemu} -object help" if qemu else "no QEMU"),
-        qemu_properties=qemu_object_properties(qemu, [t for t in QEMU_PROPERTY_OBJECTS if t in objects])
-        if qemu else {},
-        sev=with_dmesg(sev_fact(root), log, "sev_api"),
+        qemu_version=Fact(answers.version if answers else None, f"{qemu} --version" if qemu else "no QEMU"),
+        qemu_objects=Fact(",".join(answers.objects) if answers else "",
+                          f"{qemu} -object help" if qemu else "no QEMU"),
+        qemu_properties=dict(answers.properties) if answers else {},
+        sev=with_dmesg(sev_fact(root), dmesg, "sev_api"),
         sev_es=module_flag(root, "kvm_amd", "sev_es"),
-        sev_snp=with_dmesg(module_flag(root, "kvm_amd", "sev_snp"), log, "snp_api"),
-        tdx=with_dmesg(module_flag(root, "kvm_intel", "tdx"), log, "tdx_module"),
+        sev_snp=with_dmesg(module_flag(root, "kvm_amd", "sev_snp"), dmesg, "snp_api"),
+        tdx=with_dmesg(module_flag(root, "kvm_intel", "tdx"), dmesg, "tdx_module"),
         iommu=iommu_fact(root),
         vfio_pci=vfio_pci_fact(root),
-        vfio_tio=qemu_vfio_tio(qemu) if qemu else Fact(None, "no QEMU"),
-        vfio_iommufd=qemu_vfio_iommufd(qemu) if qemu else Fact(None, "no QEMU"),
+        vfio_tio=answers.vfio_tio if answers else Fact(None, "no QEMU"),
+        vfio_iommufd=answers.vfio_iommufd if answers else Fact(None, "no QEMU"),
         cbitpos=read_cbitpos(root),
         firmware=find_firmware(root),
         pci_tsm=read_pci_tsm(root),
+        probe_cache=source,
     )

@@ -59,16 +59,25 @@ def host_dmesg(root: Path) -> str | None:
     return proc.out if proc.ok else None
 
 
-def with_dmesg(fact: Fact, log: str | None, key: str) -> Fact:
-    """`fact` with the dmesg line that backs it (`key` in _DMESG_FACTS) added to its evidence."""
+def dmesg_evidence(log: str | None) -> dict[str, str] | None:
+    """The dmesg lines the probe cites, by name in _DMESG_FACTS (the first match, its last 80
+    characters); None if the log could not be read."""
     if log is None:
-        return Fact(fact.value, fact.evidence + "; dmesg not readable")
+        return None
+    found: dict[str, str] = {}
     for name, pattern in _DMESG_FACTS:
-        if name == key:
-            m = pattern.search(log)
-            if m:
-                line = next(x for x in log.splitlines() if pattern.search(x)).strip()
-                return Fact(fact.value, f"{fact.evidence}; dmesg: {line[-80:]}")
+        line = next((x for x in log.splitlines() if pattern.search(x)), None)
+        if line is not None:
+            found[name] = line.strip()[-80:]
+    return found
+
+
+def with_dmesg(fact: Fact, found: dict[str, str] | None, key: str) -> Fact:
+    """`fact` with the dmesg line that backs it (`key` in `dmesg_evidence`) added to its evidence."""
+    if found is None:
+        return Fact(fact.value, fact.evidence + "; dmesg not readable")
+    if key in found:
+        return Fact(fact.value, f"{fact.evidence}; dmesg: {found[key]}")
     return fact
 
 

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from harness.paths import atomic_write, cache_dir
@@ -103,7 +104,8 @@ def probe_kvm(qemu: str | None, root: Path = Path("/"), use_cache: bool = True) 
         try:
             cached = json.loads(cache.read_text())
             if cached.get("key") == key:
-                return Fact(cached["usable"], cached["evidence"] + " [cached for this host boot]")
+                when = f", probed at {cached['probed_at']}" if cached.get("probed_at") else ""
+                return Fact(cached["usable"], cached["evidence"] + f" [cached for this host boot{when}]")
         except (OSError, ValueError):
             pass
     ok, why, _ = _run_probe_guest(qemu, "kvm", KVM_PROBE_DEADLINE)
@@ -113,5 +115,6 @@ def probe_kvm(qemu: str | None, root: Path = Path("/"), use_cache: bool = True) 
             why += f"; under TCG it took {tcg_time:.2f} s"
     evidence = ("usable (" if ok else "unusable (") + why + ")"
     if root == Path("/"):
-        atomic_write(cache, json.dumps({"key": key, "usable": ok, "evidence": evidence}))
+        probed_at = datetime.now(UTC).isoformat(timespec="seconds")
+        atomic_write(cache, json.dumps({"key": key, "usable": ok, "evidence": evidence, "probed_at": probed_at}))
     return Fact(ok, evidence)

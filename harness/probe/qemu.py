@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness import process
 from harness.errors import BadInput, InfraError
@@ -109,17 +111,17 @@ def qemu_object_properties(qemu: str, qom_types: list[str]) -> dict[str, Fact]:
     return found
 
 
-def qemu_vfio_tio(qemu: str) -> Fact:
+def qemu_vfio_tio(qemu: str, names: list[str] | None = None) -> Fact:
     """The TIO property of vfio-pci, if this QEMU has one (`-device vfio-pci,help`).
 
     AMD's SEV-TIO tree adds `x-tio` (SEV-TIO RFC, linux-coco, 2024-25); Intel's TDX Connect tree
-    (intel/lkvs) `x-secure-mode`.
+    (intel/lkvs) `x-secure-mode`. `names`: vfio-pci's properties if already asked.
     """
-    names = set(_vfio_pci_properties(qemu))
+    found = set(_vfio_pci_properties(qemu) if names is None else names)
     for prop in _TIO_PROPERTIES:
-        if prop in names:
+        if prop in found:
             return Fact(prop, f"{qemu} -device vfio-pci,help lists {prop}")
-    if not names:
+    if not found:
         return Fact(None, f"{qemu} has no vfio-pci device")
     return Fact(None, f"none of {', '.join(_TIO_PROPERTIES)} in {qemu} -device vfio-pci,help")
 
@@ -128,8 +130,43 @@ def _vfio_pci_properties(qemu: str) -> list[str]:
     return parse_property_help(process.run([qemu, "-device", "vfio-pci,help"], timeout=10).out)
 
 
-def qemu_vfio_iommufd(qemu: str) -> Fact:
+def qemu_vfio_iommufd(qemu: str, names: list[str] | None = None) -> Fact:
     """Whether vfio-pci takes `iommufd=` (QEMU 8.2+ with iommufd support built in)."""
-    if "iommufd" in _vfio_pci_properties(qemu):
+    if "iommufd" in (_vfio_pci_properties(qemu) if names is None else names):
         return Fact(True, f"{qemu} -device vfio-pci,help lists iommufd")
     return Fact(False, f"no iommufd property in {qemu} -device vfio-pci,help")
+
+
+@dataclass(frozen=True)
+class QemuAnswers:
+    """Everything the probe asks one QEMU binary (four QEMU start-ups), kept as one record
+    so that `harness.probe.cache` can store it."""
+
+    version: str
+    objects: tuple[str, ...]
+    properties: dict[str, Fact]
+    vfio_tio: Fact
+    vfio_iommufd: Fact
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "objects": list(self.objects),
+                "properties": {t: [f.value, f.evidence] for t, f in self.properties.items()},
+                "vfio_tio": [self.vfio_tio.value, self.vfio_tio.evidence],
+                "vfio_iommufd": [self.vfio_iommufd.value, self.vfio_iommufd.evidence]}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> QemuAnswers:
+        """The record `to_json` wrote; KeyError/TypeError/ValueError if it is not one."""
+        return cls(version=str(doc["version"]), objects=tuple(str(o) for o in doc["objects"]),
+                   properties={str(t): Fact(v, str(e)) for t, (v, e) in doc["properties"].items()},
+                   vfio_tio=Fact(doc["vfio_tio"][0], str(doc["vfio_tio"][1])),
+                   vfio_iommufd=Fact(doc["vfio_iommufd"][0], str(doc["vfio_iommufd"][1])))
+
+
+def ask_qemu(qemu: str) -> QemuAnswers:
+    """Run the QEMU queries: --version, -object help, QMP qom-list-properties, -device vfio-pci,help."""
+    objects = qemu_objects(qemu)
+    vfio = _vfio_pci_properties(qemu)
+    return QemuAnswers(version=qemu_version(qemu), objects=tuple(objects),
+                       properties=qemu_object_properties(qemu, [t for t in QEMU_PROPERTY_OBJECTS if t in objects]),
+                       vfio_tio=qemu_vfio_tio(qemu, vfio), vfio_iommufd=qemu_vfio_iommufd(qemu, vfio))

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from harness.errors import BadInput
-from harness.paths import PROFILES_DIR
+from harness.paths import PROFILES_DIR, parse_yaml
 from harness.profiles.model import COCO_KINDS, NEEDS, Profile, Timeouts, size_mib
 from harness.profiles.params import apply_params
 
@@ -34,7 +34,7 @@ def _read(name: str, directory: Path) -> tuple[Path, dict[str, Any]]:
         names = ", ".join(available(directory))
         raise BadInput(f"unknown profile {name!r}; available: {names}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
