@@ -107,15 +107,19 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
         return hit
     root = cache_dir() / "src" / hashlib.sha256(source.identity.encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
+    waited = time.monotonic()
     with _locked(root / ".lock"):
+        job.phases["lock wait"] = time.monotonic() - waited
         # An identical build may have finished while this one waited for the tree.
         hit = _cached(job.artifact, start, lambda _: None)
         if hit is not None:
             return hit
         progress(f"build: importing {source.spec}" if not (root / "src").exists() else f"build: {source.spec}")
-        tree = import_tree(source, root)
+        with job.phase("import"):
+            tree = import_tree(source, root)
         try:
-            tree.reset()
+            with job.phase("reset"):
+                tree.reset()
             return job.make(tree, root)
         finally:
             tree.reset()
@@ -149,15 +153,27 @@ def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
 
 class _Inputs:
     """Everything that goes into one kernel: its cache key, and the make phases that
-    turn it into a published artifact in a tree the caller holds locked."""
+    turn it into a published artifact in a tree the caller holds locked. `phases`:
+    seconds per phase of this build (lock wait, import, configure, compile, collect),
+    recorded with the artifact so a slow build says where its time went."""
 
     def __init__(self, source: Source, patches: list[Patch], fragments: list[Fragment], tools: dict[str, str],
                  per_patch: bool, allow_dropped: bool, start: float, progress: Progress) -> None:
         self.source, self.patches, self.fragments, self.tools = source, patches, fragments, tools
         self.per_patch, self.allow_dropped, self.start, self.progress = per_patch, allow_dropped, start, progress
+        self.phases: dict[str, float] = {}
         self.base_config = next((f.base for f in fragments if f.base), "tinyconfig")
         self.key = _cache_key(source, patches, fragments, self.base_config, tools, per_patch)
         self.artifact = cache_dir() / "kernels" / self.key
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time what the block does as `name` (added up if the phase comes back)."""
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - t
 
     def make(self, tree: CachedTree, root: Path) -> BuildResult:
         """Configure, compile and collect in `tree` (out of tree, in `root`/out-<config>),
@@ -171,11 +187,14 @@ class _Inputs:
         job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress)
         kept_log = artifact.parent / f"{self.key}-failed.log"
         try:
-            dropped = job.configure(self.fragments, self.base_config, self.allow_dropped)
-            steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
-            release = job.collect(staging)
+            with self.phase("configure"):
+                dropped = job.configure(self.fragments, self.base_config, self.allow_dropped)
+            with self.phase("compile"):
+                steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
+            with self.phase("collect"):
+                release = job.collect(staging)
             _write_meta(staging, self.source, self.patches, self.fragments, self.tools, release, dropped, steps,
-                        self.start)
+                        self.start, self.phases)
             _publish(staging, artifact)
         except BuildFailed as e:
             # A failed build is never published (it would be a cache hit); its log is kept.
@@ -319,11 +338,13 @@ class _KernelBuild:
 
 def _write_meta(staging: Path, source: Source, patches: list[Patch], fragments: list[Fragment],
                 tools: dict[str, str], release: str, dropped: list[Dropped], steps: list[PatchStep],
-                start: float) -> None:
+                start: float, phases: dict[str, float]) -> None:
     meta = {"format": FORMAT, "release": release, "source": {"spec": source.spec, "identity": source.identity},
             "patches": [p.to_json() for p in patches], "fragments": [str(f.path) for f in fragments],
             "toolchain": tools, "dropped": [str(d) for d in dropped], "steps": [asdict(s) for s in steps],
-            "seconds": round(time.monotonic() - start, 1), "image_sha256": file_sha256(staging / "bzImage")}
+            "seconds": round(time.monotonic() - start, 1),
+            "phases": {name: round(seconds, 1) for name, seconds in phases.items()},
+            "image_sha256": file_sha256(staging / "bzImage")}
     (staging / ARTIFACT_META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
