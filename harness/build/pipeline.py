@@ -27,6 +27,7 @@ from harness.build.kconfig import Dropped, Fragment, dropped_options, load_fragm
 from harness.build.make import (
     ARCH,
     COMPILE_DEADLINE,
+    Meter,
     Progress,
     first_errors,
     make_args,
@@ -34,6 +35,7 @@ from harness.build.make import (
     toolchain,
     warnings_of,
 )
+from harness.build.progress import Plan, Record, Terminal, load_record, plan_for, save_record
 from harness.build.series import Patch, load_series
 from harness.build.source import CachedTree, Source, import_tree, resolve_source
 from harness.build.spec import BuildSpec
@@ -84,10 +86,16 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _default_progress() -> Progress:
+    """stderr: a progress bar when it is a terminal, plain lines otherwise (CI logs)."""
+    return Terminal() if Terminal.wanted() else _say
+
+
 def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
-          progress: Progress = _say, patches: list[Patch] | None = None) -> BuildResult:
+          progress: Progress | None = None, patches: list[Patch] | None = None) -> BuildResult:
     """Build (or find in the cache) the kernel for `spec`; `patches`, when given, are
     built instead of the series `spec` names (a bisect builds prefixes of one).
+    `progress` takes the build's lines (default: stderr, with a bar on a terminal).
 
     Raises BadInput (exit 2: missing files, a patch that does not apply, dropped
     options without allow_dropped), BuildFailed (exit 1: the kernel does not
@@ -95,6 +103,7 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
     or outlived its deadline).
     """
     start = time.monotonic()
+    progress = progress or _default_progress()
     tools = toolchain()
     source = resolve_source(spec.source)
     fragments = [load_fragment(name) for name in spec.configs]
@@ -125,7 +134,7 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
             tree.reset()
 
 
-def build_checkout(tree: Path, source: Source, configs: list[str], progress: Progress = _say) -> BuildResult:
+def build_checkout(tree: Path, source: Source, configs: list[str], progress: Progress | None = None) -> BuildResult:
     """Build (or find in the cache) the commit checked out in `tree`, a cached repository
     with history (harness.build.history) whose builds share `tree`'s parent: its lock
     and one O= directory per configuration, so the next commit is an incremental build.
@@ -133,6 +142,7 @@ def build_checkout(tree: Path, source: Source, configs: list[str], progress: Pro
     one `build` makes for `--source REPO@<sha>`. Raises as `build` does.
     """
     start = time.monotonic()
+    progress = progress or _default_progress()
     job = _Inputs(source, [], [load_fragment(name) for name in configs], toolchain(), False, False, start,
                   progress)
     hit = _cached(job.artifact, start, progress)
@@ -184,7 +194,8 @@ class _Inputs:
         _sweep_staging(artifact.parent)
         staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
         (staging / ".owner").write_text(str(os.getpid()))
-        job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress)
+        job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress,
+                           cache_dir() / "build-history" / f"{config_key}.json")
         kept_log = artifact.parent / f"{self.key}-failed.log"
         try:
             with self.phase("configure"):
@@ -249,17 +260,18 @@ class _KernelBuild:
     """The make phases of one build: in the (locked) cached tree, out of tree in `out`
     (reused by builds with the same fragments, hence incremental), logged to `log`."""
 
-    def __init__(self, tree: CachedTree, out: Path, log: Path, progress: Progress) -> None:
+    def __init__(self, tree: CachedTree, out: Path, log: Path, progress: Progress, record: Path) -> None:
         self.tree = tree
         self.out = out
         self.log = log
         self.progress = progress
+        self.record = record     # the last cold compile of this configuration: its objects and pace
         out.mkdir(exist_ok=True)
 
     def _make(self, *targets: str, label: str, jobs: int | None = None, timeout: float = 600,
-              quiet: bool = False) -> tuple[int, list[str]]:
+              quiet: bool = False, meter: Meter | None = None) -> tuple[int, list[str]]:
         return run_make([*make_args(self.tree.path, self.out, jobs), *targets], self.log, label,
-                        (lambda _: None) if quiet else self.progress, timeout)
+                        (lambda _: None) if quiet else self.progress, timeout, meter)
 
     def _config(self) -> dict[str, str]:
         return read_config((self.out / ".config").read_text())
@@ -286,11 +298,23 @@ class _KernelBuild:
 
     def compile(self, label: str) -> list[str]:
         """bzImage (and modules if enabled); BuildFailed with the first compiler errors."""
-        targets = ["bzImage"] + (["modules"] if self._config().get("CONFIG_MODULES") == "y" else [])
-        status, lines = self._make(*targets, label=label, jobs=os.cpu_count() or 1, timeout=COMPILE_DEADLINE)
+        config = self._config()
+        targets = ["bzImage"] + (["modules"] if config.get("CONFIG_MODULES") == "y" else [])
+        cold = not (self.out / "vmlinux").exists()
+        started = time.time()
+
+        def plan() -> Plan:
+            return plan_for(self.tree.path, self.out, config, load_record(self.record), cold, started)
+
+        meter = Meter(label, plan)
+        status, lines = self._make(*targets, label=label, jobs=os.cpu_count() or 1, timeout=COMPILE_DEADLINE,
+                                   meter=meter)
         if status != 0:
             errors = first_errors(lines)
             raise BuildFailed(f"kernel does not compile: {' | '.join(errors[:3])} (log {self.log})", tuple(errors))
+        record = Record.of(meter.times, time.monotonic() - meter.start)
+        if cold and record is not None:
+            save_record(self.record, record)
         return lines
 
     def all_patches(self, patches: list[Patch]) -> list[PatchStep]:
