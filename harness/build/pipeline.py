@@ -37,7 +37,7 @@ from harness.build.make import (
 )
 from harness.build.progress import Plan, Record, Terminal, load_record, plan_for, save_record
 from harness.build.series import Patch, load_series
-from harness.build.source import CachedTree, Source, import_tree, resolve_source
+from harness.build.source import CachedTree, Source, import_tree, imported, resolve_source
 from harness.build.spec import BuildSpec
 from harness.errors import BadInput, InfraError, KernelFault
 from harness.hashing import file_sha256
@@ -123,7 +123,7 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
         hit = _cached(job.artifact, start, lambda _: None)
         if hit is not None:
             return hit
-        progress(f"build: importing {source.spec}" if not (root / "src").exists() else f"build: {source.spec}")
+        progress(f"build: importing {source.spec}" if not imported(root) else f"build: {source.spec}")
         with job.phase("import"):
             tree = import_tree(source, root)
         try:
@@ -153,7 +153,7 @@ def build_checkout(tree: Path, source: Source, configs: list[str], progress: Pro
         if hit is not None:
             return hit
         progress(f"build: {source.spec}")
-        return job.make(CachedTree(tree), tree.parent)
+        return job.make(CachedTree(tree, tree.parent / "pristine"), tree.parent)
 
 
 def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
@@ -348,7 +348,10 @@ class _KernelBuild:
 
     def collect(self, staging: Path) -> str:
         """bzImage, config, System.map and installed modules into `staging`; the release."""
-        release = run([*make_args(self.tree.path, self.out), "-s", "kernelrelease"], timeout=120).out.strip()
+        # kbuild writes the release during the build; asking make costs a parse of the top Makefile.
+        written = self.out / "include" / "config" / "kernel.release"
+        release = (written.read_text().strip() if written.is_file() else
+                   run([*make_args(self.tree.path, self.out), "-s", "kernelrelease"], timeout=120).out.strip())
         shutil.copy2(self.out / "arch/x86/boot/bzImage", staging / "bzImage")
         for name in (".config", "System.map"):
             shutil.copy2(self.out / name, staging / name.lstrip("."))
