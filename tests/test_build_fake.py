@@ -118,6 +118,11 @@ def test_an_edited_patch_rebuilds_incrementally(tmp_path: Path) -> None:
     # The cached tree kept the mtimes of files no patch touches: init/main.c is not compiled again.
     assert sorted(compiled(edited.artifact / "build.log", "build")) == [
         "drivers/misc/harness_demo.o", "kernel/dma/swiotlb.o"]
+    # Nor is the configuration made again: the same source and options gave it last time.
+    log = (edited.artifact / "build.log").read_text()
+    assert "\n### tinyconfig: " in (first.artifact / "build.log").read_text()
+    assert "\n### tinyconfig: " not in log and "\n### olddefconfig: " not in log and "\n### configure: " in log
+    assert (edited.artifact / "config").read_text() == (first.artifact / "config").read_text()
     ko = f"modules/lib/modules/{RELEASE}/kernel/drivers/misc/harness_demo.ko"
     assert (edited.artifact / ko).read_bytes() != (first.artifact / ko).read_bytes()
     # The first artifact is still there: undoing the edit is a hit again.

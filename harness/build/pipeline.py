@@ -199,7 +199,7 @@ class _Inputs:
         kept_log = artifact.parent / f"{self.key}-failed.log"
         try:
             with self.phase("configure"):
-                dropped = job.configure(self.fragments, self.base_config, self.allow_dropped)
+                dropped = job.configure(self.fragments, self.base_config, self.allow_dropped, self.source.identity)
             with self.phase("compile"):
                 steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
             with self.phase("collect"):
@@ -276,18 +276,32 @@ class _KernelBuild:
     def _config(self) -> dict[str, str]:
         return read_config((self.out / ".config").read_text())
 
-    def configure(self, fragments: list[Fragment], base: str, allow_dropped: bool) -> list[Dropped]:
+    def configure(self, fragments: list[Fragment], base: str, allow_dropped: bool, source: str) -> list[Dropped]:
         """The base config, the fragments merged over it in order, olddefconfig, and the check
-        that every requested option survived (BadInput unless allow_dropped)."""
-        status, lines = self._make(base, label=base)
-        if status != 0:
-            raise InfraError(f"make {base} failed: {' | '.join(lines[-3:])}")
-        with open(self.out / ".config", "a") as f:
-            for frag in fragments:
-                f.write(f"\n# --- fragment {frag.path} ---\n{frag.text}\n")
-        status, lines = self._make("olddefconfig", label="olddefconfig")
-        if status != 0:
-            raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
+        that every requested option survived (BadInput unless allow_dropped).
+
+        The result depends only on the pristine source (`source`, its identity) and the
+        options, which name the O= directory: it is kept there, and the next build of
+        this source in it starts from a copy instead of two runs of make. (A copy, as
+        the build's own syncconfig writes to .config what a series' Kconfig adds.)"""
+        kept, stamp = self.out / ".harness-config", self.out / ".harness-config.source"
+        if kept.is_file() and stamp.is_file() and stamp.read_text() == source:
+            shutil.copyfile(kept, self.out / ".config")
+            with open(self.log, "a") as f:
+                f.write(f"\n### configure: {kept} (made by an earlier build of {source} in {self.out})\n")
+        else:
+            stamp.unlink(missing_ok=True)
+            status, lines = self._make(base, label=base)
+            if status != 0:
+                raise InfraError(f"make {base} failed: {' | '.join(lines[-3:])}")
+            with open(self.out / ".config", "a") as f:
+                for frag in fragments:
+                    f.write(f"\n# --- fragment {frag.path} ---\n{frag.text}\n")
+            status, lines = self._make("olddefconfig", label="olddefconfig")
+            if status != 0:
+                raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
+            shutil.copyfile(self.out / ".config", kept)
+            stamp.write_text(source)
         dropped = dropped_options(fragments, self._config(), self.tree.has_symbol)
         if dropped and not allow_dropped:
             raise BadInput("config options did not survive olddefconfig: " + "; ".join(map(str, dropped))
