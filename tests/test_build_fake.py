@@ -7,6 +7,7 @@ test_build_inputs.py; what only a real kernel shows, in test_build.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import BuildFailed, BuildSpec, build, resolve_source
+from harness.build import BuildFailed, BuildSpec, build, import_tree, load_series, resolve_source
 from harness.errors import BadInput
 from harness.hashing import file_sha256
 from harness.kernel import bzimage_release, resolve_kernel
@@ -42,12 +43,19 @@ def fake_spec(series: Path = SERIES / "sample") -> BuildSpec:
 
 
 def cached_trees_are_clean() -> None:
-    """Every cached source tree is back at its pristine import: no patch left applied."""
+    """Every cached source tree is back at its pristine import: no patch left applied
+    (nothing left in its journal; a tree imported from a directory has that directory's
+    files, byte for byte, and no others)."""
     trees = list((cache_dir() / "src").glob("*/src"))
     assert trees, "no cached tree at all"
     for tree in trees:
-        status = subprocess.run(["git", "-C", str(tree), "status", "--porcelain"], capture_output=True, text=True)
-        assert status.stdout == "", f"{tree} left dirty: {status.stdout[:200]}"
+        touched = tree.parent / "pristine" / "touched.json"
+        assert not touched.exists() or json.loads(touched.read_text())["files"] == {}, f"{tree} left patched"
+        spec = Path(json.loads((tree.parent / "imported.json").read_text())["spec"])
+        if spec.is_dir() and not (spec / ".git").exists():
+            diff = subprocess.run(["diff", "-r", "--no-dereference", str(spec), str(tree)], capture_output=True,
+                                  text=True)
+            assert diff.returncode == 0, f"{tree} differs from {spec}: {diff.stdout[:300]}"
 
 
 def compiled(log: Path, section: str) -> list[str]:
@@ -110,6 +118,11 @@ def test_an_edited_patch_rebuilds_incrementally(tmp_path: Path) -> None:
     # The cached tree kept the mtimes of files no patch touches: init/main.c is not compiled again.
     assert sorted(compiled(edited.artifact / "build.log", "build")) == [
         "drivers/misc/harness_demo.o", "kernel/dma/swiotlb.o"]
+    # Nor is the configuration made again: the same source and options gave it last time.
+    log = (edited.artifact / "build.log").read_text()
+    assert "\n### tinyconfig: " in (first.artifact / "build.log").read_text()
+    assert "\n### tinyconfig: " not in log and "\n### olddefconfig: " not in log and "\n### configure: " in log
+    assert (edited.artifact / "config").read_text() == (first.artifact / "config").read_text()
     ko = f"modules/lib/modules/{RELEASE}/kernel/drivers/misc/harness_demo.ko"
     assert (edited.artifact / ko).read_bytes() != (first.artifact / ko).read_bytes()
     # The first artifact is still there: undoing the edit is a hit again.
@@ -406,3 +419,50 @@ def test_a_build_spec_builds_with_paths_relative_to_it(tmp_path: Path, cli: Cli)
     meta = json.loads((Path(result["artifact"]) / "harness-build.json").read_text())
     assert meta["source"]["spec"] == str(tmp_path / "src" / "linux")
     assert meta["fragments"] == [str(tmp_path / "specs" / "sample.config")]
+
+
+def test_reset_puts_back_what_a_series_added_removed_renamed_and_changed(tmp_path: Path) -> None:
+    """The cached tree is not a git repository: the files a patch touches are saved before
+    it applies and written back after the build. Files no patch touched keep their mtimes
+    (the O= directory's objects stay valid); the ones put back get new ones (make sees them)."""
+    series = tmp_path / "series"
+    series.mkdir()
+    work = tmp_path / "work"
+    shutil.copytree(TREE, work)
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fake"], check=True)
+    (work / "drivers/misc/new").mkdir()
+    (work / "drivers/misc/new/added.c").write_text("/* a file the series adds, in a new directory */\n")
+    subprocess.run([*git, "rm", "-q", "drivers/virt/coco/sev-guest.c"], check=True)
+    subprocess.run([*git, "mv", "init/main.c", "init/start.c"], check=True)
+    (work / "kernel/dma/swiotlb.c").write_text((work / "kernel/dma/swiotlb.c").read_text() + "/* changed */\n")
+    (work / "scripts/fakekbuild.py").chmod(0o755)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fake: add, remove, rename, change, chmod"], check=True)
+    patch = subprocess.run([*git, "format-patch", "-M", "-1", "--stdout"], check=True, capture_output=True).stdout
+    (series / "0001-everything.patch").write_bytes(patch)
+    # Import, apply and reset as a build does, without compiling (the fake Kbuild names main.c).
+    root = cache_dir() / "src" / "by-hand"
+    root.mkdir(parents=True)
+    tree = import_tree(resolve_source(str(TREE)), root)
+    before = {p: p.stat().st_mtime_ns for p in tree.path.rglob("*") if p.is_file()}
+    time.sleep(0.01)
+    for i, p in enumerate(load_series(str(series), tmp_path), 1):
+        tree.apply(p, i)
+    assert (tree.path / "drivers/misc/new/added.c").is_file() and (tree.path / "init/start.c").is_file()
+    assert not (tree.path / "init/main.c").exists() and not (tree.path / "drivers/virt/coco/sev-guest.c").exists()
+    assert os.access(tree.path / "scripts/fakekbuild.py", os.X_OK)
+    tree.reset()
+    diff = subprocess.run(["diff", "-r", str(TREE), str(tree.path)], capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout
+    assert not (tree.path / "drivers/misc/new").exists(), "a directory the series made is gone again"
+    assert not os.access(tree.path / "scripts/fakekbuild.py", os.X_OK)
+    after = {p: p.stat().st_mtime_ns for p in tree.path.rglob("*") if p.is_file()}
+    touched = {tree.path / r for r in ("init/main.c", "drivers/virt/coco/sev-guest.c", "kernel/dma/swiotlb.c",
+                                       "scripts/fakekbuild.py")}
+    assert after.keys() == before.keys()
+    assert {p for p in after if after[p] != before[p]} == touched
+    tree.reset()   # nothing to do: a second reset changes nothing
+    assert {p: p.stat().st_mtime_ns for p in tree.path.rglob("*") if p.is_file()} == after

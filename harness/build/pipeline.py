@@ -27,6 +27,7 @@ from harness.build.kconfig import Dropped, Fragment, dropped_options, load_fragm
 from harness.build.make import (
     ARCH,
     COMPILE_DEADLINE,
+    Meter,
     Progress,
     first_errors,
     make_args,
@@ -34,8 +35,9 @@ from harness.build.make import (
     toolchain,
     warnings_of,
 )
+from harness.build.progress import Plan, Record, Terminal, load_record, plan_for, save_record
 from harness.build.series import Patch, load_series
-from harness.build.source import CachedTree, Source, import_tree, resolve_source
+from harness.build.source import CachedTree, Source, import_tree, imported, resolve_source
 from harness.build.spec import BuildSpec
 from harness.errors import BadInput, InfraError, KernelFault
 from harness.hashing import file_sha256
@@ -84,10 +86,16 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _default_progress() -> Progress:
+    """stderr: a progress bar when it is a terminal, plain lines otherwise (CI logs)."""
+    return Terminal() if Terminal.wanted() else _say
+
+
 def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
-          progress: Progress = _say, patches: list[Patch] | None = None) -> BuildResult:
+          progress: Progress | None = None, patches: list[Patch] | None = None) -> BuildResult:
     """Build (or find in the cache) the kernel for `spec`; `patches`, when given, are
     built instead of the series `spec` names (a bisect builds prefixes of one).
+    `progress` takes the build's lines (default: stderr, with a bar on a terminal).
 
     Raises BadInput (exit 2: missing files, a patch that does not apply, dropped
     options without allow_dropped), BuildFailed (exit 1: the kernel does not
@@ -95,6 +103,7 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
     or outlived its deadline).
     """
     start = time.monotonic()
+    progress = progress or _default_progress()
     tools = toolchain()
     source = resolve_source(spec.source)
     fragments = [load_fragment(name) for name in spec.configs]
@@ -107,21 +116,25 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
         return hit
     root = cache_dir() / "src" / hashlib.sha256(source.identity.encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
+    waited = time.monotonic()
     with _locked(root / ".lock"):
+        job.phases["lock wait"] = time.monotonic() - waited
         # An identical build may have finished while this one waited for the tree.
         hit = _cached(job.artifact, start, lambda _: None)
         if hit is not None:
             return hit
-        progress(f"build: importing {source.spec}" if not (root / "src").exists() else f"build: {source.spec}")
-        tree = import_tree(source, root)
+        progress(f"build: importing {source.spec}" if not imported(root) else f"build: {source.spec}")
+        with job.phase("import"):
+            tree = import_tree(source, root)
         try:
-            tree.reset()
+            with job.phase("reset"):
+                tree.reset()
             return job.make(tree, root)
         finally:
             tree.reset()
 
 
-def build_checkout(tree: Path, source: Source, configs: list[str], progress: Progress = _say) -> BuildResult:
+def build_checkout(tree: Path, source: Source, configs: list[str], progress: Progress | None = None) -> BuildResult:
     """Build (or find in the cache) the commit checked out in `tree`, a cached repository
     with history (harness.build.history) whose builds share `tree`'s parent: its lock
     and one O= directory per configuration, so the next commit is an incremental build.
@@ -129,6 +142,7 @@ def build_checkout(tree: Path, source: Source, configs: list[str], progress: Pro
     one `build` makes for `--source REPO@<sha>`. Raises as `build` does.
     """
     start = time.monotonic()
+    progress = progress or _default_progress()
     job = _Inputs(source, [], [load_fragment(name) for name in configs], toolchain(), False, False, start,
                   progress)
     hit = _cached(job.artifact, start, progress)
@@ -139,7 +153,7 @@ def build_checkout(tree: Path, source: Source, configs: list[str], progress: Pro
         if hit is not None:
             return hit
         progress(f"build: {source.spec}")
-        return job.make(CachedTree(tree), tree.parent)
+        return job.make(CachedTree(tree, tree.parent / "pristine"), tree.parent)
 
 
 def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
@@ -149,15 +163,27 @@ def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
 
 class _Inputs:
     """Everything that goes into one kernel: its cache key, and the make phases that
-    turn it into a published artifact in a tree the caller holds locked."""
+    turn it into a published artifact in a tree the caller holds locked. `phases`:
+    seconds per phase of this build (lock wait, import, configure, compile, collect),
+    recorded with the artifact so a slow build says where its time went."""
 
     def __init__(self, source: Source, patches: list[Patch], fragments: list[Fragment], tools: dict[str, str],
                  per_patch: bool, allow_dropped: bool, start: float, progress: Progress) -> None:
         self.source, self.patches, self.fragments, self.tools = source, patches, fragments, tools
         self.per_patch, self.allow_dropped, self.start, self.progress = per_patch, allow_dropped, start, progress
+        self.phases: dict[str, float] = {}
         self.base_config = next((f.base for f in fragments if f.base), "tinyconfig")
         self.key = _cache_key(source, patches, fragments, self.base_config, tools, per_patch)
         self.artifact = cache_dir() / "kernels" / self.key
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time what the block does as `name` (added up if the phase comes back)."""
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - t
 
     def make(self, tree: CachedTree, root: Path) -> BuildResult:
         """Configure, compile and collect in `tree` (out of tree, in `root`/out-<config>),
@@ -168,14 +194,18 @@ class _Inputs:
         _sweep_staging(artifact.parent)
         staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
         (staging / ".owner").write_text(str(os.getpid()))
-        job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress)
+        job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress,
+                           cache_dir() / "build-history" / f"{config_key}.json")
         kept_log = artifact.parent / f"{self.key}-failed.log"
         try:
-            dropped = job.configure(self.fragments, self.base_config, self.allow_dropped)
-            steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
-            release = job.collect(staging)
+            with self.phase("configure"):
+                dropped = job.configure(self.fragments, self.base_config, self.allow_dropped, self.source.identity)
+            with self.phase("compile"):
+                steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
+            with self.phase("collect"):
+                release = job.collect(staging)
             _write_meta(staging, self.source, self.patches, self.fragments, self.tools, release, dropped, steps,
-                        self.start)
+                        self.start, self.phases)
             _publish(staging, artifact)
         except BuildFailed as e:
             # A failed build is never published (it would be a cache hit); its log is kept.
@@ -230,33 +260,48 @@ class _KernelBuild:
     """The make phases of one build: in the (locked) cached tree, out of tree in `out`
     (reused by builds with the same fragments, hence incremental), logged to `log`."""
 
-    def __init__(self, tree: CachedTree, out: Path, log: Path, progress: Progress) -> None:
+    def __init__(self, tree: CachedTree, out: Path, log: Path, progress: Progress, record: Path) -> None:
         self.tree = tree
         self.out = out
         self.log = log
         self.progress = progress
+        self.record = record     # the last cold compile of this configuration: its objects and pace
         out.mkdir(exist_ok=True)
 
     def _make(self, *targets: str, label: str, jobs: int | None = None, timeout: float = 600,
-              quiet: bool = False) -> tuple[int, list[str]]:
+              quiet: bool = False, meter: Meter | None = None) -> tuple[int, list[str]]:
         return run_make([*make_args(self.tree.path, self.out, jobs), *targets], self.log, label,
-                        (lambda _: None) if quiet else self.progress, timeout)
+                        (lambda _: None) if quiet else self.progress, timeout, meter)
 
     def _config(self) -> dict[str, str]:
         return read_config((self.out / ".config").read_text())
 
-    def configure(self, fragments: list[Fragment], base: str, allow_dropped: bool) -> list[Dropped]:
+    def configure(self, fragments: list[Fragment], base: str, allow_dropped: bool, source: str) -> list[Dropped]:
         """The base config, the fragments merged over it in order, olddefconfig, and the check
-        that every requested option survived (BadInput unless allow_dropped)."""
-        status, lines = self._make(base, label=base)
-        if status != 0:
-            raise InfraError(f"make {base} failed: {' | '.join(lines[-3:])}")
-        with open(self.out / ".config", "a") as f:
-            for frag in fragments:
-                f.write(f"\n# --- fragment {frag.path} ---\n{frag.text}\n")
-        status, lines = self._make("olddefconfig", label="olddefconfig")
-        if status != 0:
-            raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
+        that every requested option survived (BadInput unless allow_dropped).
+
+        The result depends only on the pristine source (`source`, its identity) and the
+        options, which name the O= directory: it is kept there, and the next build of
+        this source in it starts from a copy instead of two runs of make. (A copy, as
+        the build's own syncconfig writes to .config what a series' Kconfig adds.)"""
+        kept, stamp = self.out / ".harness-config", self.out / ".harness-config.source"
+        if kept.is_file() and stamp.is_file() and stamp.read_text() == source:
+            shutil.copyfile(kept, self.out / ".config")
+            with open(self.log, "a") as f:
+                f.write(f"\n### configure: {kept} (made by an earlier build of {source} in {self.out})\n")
+        else:
+            stamp.unlink(missing_ok=True)
+            status, lines = self._make(base, label=base)
+            if status != 0:
+                raise InfraError(f"make {base} failed: {' | '.join(lines[-3:])}")
+            with open(self.out / ".config", "a") as f:
+                for frag in fragments:
+                    f.write(f"\n# --- fragment {frag.path} ---\n{frag.text}\n")
+            status, lines = self._make("olddefconfig", label="olddefconfig")
+            if status != 0:
+                raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
+            shutil.copyfile(self.out / ".config", kept)
+            stamp.write_text(source)
         dropped = dropped_options(fragments, self._config(), self.tree.has_symbol)
         if dropped and not allow_dropped:
             raise BadInput("config options did not survive olddefconfig: " + "; ".join(map(str, dropped))
@@ -267,11 +312,23 @@ class _KernelBuild:
 
     def compile(self, label: str) -> list[str]:
         """bzImage (and modules if enabled); BuildFailed with the first compiler errors."""
-        targets = ["bzImage"] + (["modules"] if self._config().get("CONFIG_MODULES") == "y" else [])
-        status, lines = self._make(*targets, label=label, jobs=os.cpu_count() or 1, timeout=COMPILE_DEADLINE)
+        config = self._config()
+        targets = ["bzImage"] + (["modules"] if config.get("CONFIG_MODULES") == "y" else [])
+        cold = not (self.out / "vmlinux").exists()
+        started = time.time()
+
+        def plan() -> Plan:
+            return plan_for(self.tree.path, self.out, config, load_record(self.record), cold, started)
+
+        meter = Meter(label, plan)
+        status, lines = self._make(*targets, label=label, jobs=os.cpu_count() or 1, timeout=COMPILE_DEADLINE,
+                                   meter=meter)
         if status != 0:
             errors = first_errors(lines)
             raise BuildFailed(f"kernel does not compile: {' | '.join(errors[:3])} (log {self.log})", tuple(errors))
+        record = Record.of(meter.times, time.monotonic() - meter.start)
+        if cold and record is not None:
+            save_record(self.record, record)
         return lines
 
     def all_patches(self, patches: list[Patch]) -> list[PatchStep]:
@@ -305,7 +362,10 @@ class _KernelBuild:
 
     def collect(self, staging: Path) -> str:
         """bzImage, config, System.map and installed modules into `staging`; the release."""
-        release = run([*make_args(self.tree.path, self.out), "-s", "kernelrelease"], timeout=120).out.strip()
+        # kbuild writes the release during the build; asking make costs a parse of the top Makefile.
+        written = self.out / "include" / "config" / "kernel.release"
+        release = (written.read_text().strip() if written.is_file() else
+                   run([*make_args(self.tree.path, self.out), "-s", "kernelrelease"], timeout=120).out.strip())
         shutil.copy2(self.out / "arch/x86/boot/bzImage", staging / "bzImage")
         for name in (".config", "System.map"):
             shutil.copy2(self.out / name, staging / name.lstrip("."))
@@ -319,11 +379,13 @@ class _KernelBuild:
 
 def _write_meta(staging: Path, source: Source, patches: list[Patch], fragments: list[Fragment],
                 tools: dict[str, str], release: str, dropped: list[Dropped], steps: list[PatchStep],
-                start: float) -> None:
+                start: float, phases: dict[str, float]) -> None:
     meta = {"format": FORMAT, "release": release, "source": {"spec": source.spec, "identity": source.identity},
             "patches": [p.to_json() for p in patches], "fragments": [str(f.path) for f in fragments],
             "toolchain": tools, "dropped": [str(d) for d in dropped], "steps": [asdict(s) for s in steps],
-            "seconds": round(time.monotonic() - start, 1), "image_sha256": file_sha256(staging / "bzImage")}
+            "seconds": round(time.monotonic() - start, 1),
+            "phases": {name: round(seconds, 1) for name, seconds in phases.items()},
+            "image_sha256": file_sha256(staging / "bzImage")}
     (staging / ARTIFACT_META).write_text(json.dumps(meta, indent=1) + "\n")
 
 

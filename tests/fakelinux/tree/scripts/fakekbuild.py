@@ -154,19 +154,23 @@ class Tree:
 
     # -- compiling ------------------------------------------------------------------
 
-    def units(self) -> list[tuple[str, str]]:
-        """(object path, y or m) for each obj-y / obj-$(CONFIG_X) the configuration enables."""
+    def units(self, rel_dir: Path = Path(".")) -> list[tuple[str, str]]:
+        """(object path, y or m) for each obj-y / obj-$(CONFIG_X) the configuration enables,
+        from the top-level Kbuild down through the directories (`obj-y += dir/`) it names."""
         options = self.options()
         found = []
-        for kbuild in sorted(self.src.rglob("Kbuild")):
-            rel_dir = kbuild.parent.relative_to(self.src)
-            for line in kbuild.read_text().splitlines():
-                m = re.match(r"obj-(y|\$\(CONFIG_(\w+)\))\s*\+=\s*(.*)", line)
-                if not m:
-                    continue
-                kind = "y" if m.group(1) == "y" else options.get(m.group(2), "n")
-                if kind in ("y", "m"):
-                    found += [(str(rel_dir / name), kind) for name in m.group(3).split()]
+        for line in (self.src / rel_dir / "Kbuild").read_text().splitlines():
+            m = re.match(r"obj-(y|\$\(CONFIG_(\w+)\))\s*\+=\s*(.*)", line)
+            if not m:
+                continue
+            kind = "y" if m.group(1) == "y" else options.get(m.group(2), "n")
+            if kind not in ("y", "m"):
+                continue
+            for name in m.group(3).split():
+                if name.endswith("/"):
+                    found += self.units(rel_dir / name)
+                else:
+                    found.append((str(rel_dir / name), kind))
         return found
 
     def objects(self) -> int:
@@ -205,6 +209,12 @@ class Tree:
         if ok:
             obj.parent.mkdir(parents=True, exist_ok=True)
             obj.write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
+            # What kbuild's fixdep leaves beside an object: its command, source and dependencies.
+            rel_o = obj.relative_to(self.obj)
+            (obj.parent / f".{obj.name}.cmd").write_text(
+                f"savedcmd_{rel_o} := fakecc -c -o {rel_o} {src}\n\nsource_{rel_o} := {src}\n\n"
+                f"deps_{rel_o} := \\\n    $(wildcard include/config/MODULES) \\\n"
+                f"  include/config/auto.conf \\\n\n{rel_o}: $(deps_{rel_o})\n\n$(deps_{rel_o}):\n")
         else:
             obj.unlink(missing_ok=True)
         return ok
