@@ -87,7 +87,7 @@ def test_disk_hotplug_with_dma(machine: Machine, guest: GuestChannel, qmp: QmpCh
 
 
 @pytest.mark.dmesg_allow("io-error", "nvme", reason="its disk is unplugged under it: I/O errors are the point")
-def test_unplug_during_dma(machine: Machine, guest: GuestChannel, qmp: QmpChannel) -> None:
+def test_unplug_during_dma(machine: Machine, guest: GuestChannel, qmp: QmpChannel, run_info: RunInfo) -> None:
     _add_disk(machine, qmp, "hpbusy")
     plugged = plug(qmp, guest, "nvme,id=devbusy,serial=busy,drive=hpbusy,bus=hp2", *NVME, driver="nvme")
     dev = _wait_disk(guest, plugged.device.bdf)
@@ -100,9 +100,10 @@ def test_unplug_during_dma(machine: Machine, guest: GuestChannel, qmp: QmpChanne
         return any(int(line.split()[0]) and int(line.split()[4]) for line in out.splitlines() if line.strip())
 
     assert wait_until(busy, 10), "dmastress did no I/O"
-    unplug(qmp, guest, plugged, timeout=60)
+    unplug(qmp, guest, plugged, timeout=run_info.deadline(60))
     # The workload must end (with I/O errors: its disk is gone) and the guest must stay healthy.
-    assert wait_until(lambda: guest.run("test -s /tmp/busy.rc").ok, 60), "dmastress hung after the unplug"
+    assert wait_until(lambda: guest.run("test -s /tmp/busy.rc").ok, run_info.deadline(60)), \
+        "dmastress hung after the unplug"
     assert guest.check("echo alive").strip() == "alive"
     qmp.execute("blockdev-del", {"node-name": "hpbusy"})
 

@@ -90,6 +90,15 @@ class RunInfo:
     def cmdline(self) -> str | None:
         return self.plan.cmdline if self.plan is not None else None
 
+    def deadline(self, seconds: float) -> float:
+        """A guest-side wait's deadline on this run's host: `seconds` stretched by as much as the
+        run stretched the profile's boot deadline (`--boot-timeout 300` over a profile's 60 s: five
+        times), so a host the user says is slow (the lab-host twin's L2: KVM inside TCG) is given
+        the same margin for a hot-unplug as for its boot."""
+        if self.plan is None or self.plan.boot_timeout is None:
+            return seconds
+        return seconds * max(1.0, self.plan.boot_timeout / self.plan.profile.timeouts.boot)
+
     def require_coco(self, *kinds: str, what: str) -> None:
         """Skip, with the reason, a hardware assertion this run cannot make honestly.
 

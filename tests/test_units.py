@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,17 @@ def test_run_and_machine_records_read_back_as_written(tmp_path: Path) -> None:
     assert meta["kernel"]["diagnostics"]["problems"] == [] and meta["profile"]["effective"] == "coco-emulated"
     (tmp_path / "machines" / "gw2.json").write_text("{")
     assert read_machines(tmp_path) == [machine]  # named on stderr, left out
+
+
+def test_guest_deadlines_stretch_as_the_run_stretched_its_boot_deadline(tmp_path: Path) -> None:
+    from harness.kernel import Kernel
+    from harness.plan import LaunchPlan
+    from harness.pytest_plugin import RunInfo
+
+    profile = load_profile("emulated")   # timeouts.boot: 60
+    kernel = Kernel("bzImage", tmp_path / "bzImage", "6.12", "")
+    plan = LaunchPlan("emulated", profile, (), profile, "tcg", "", "qemu", kernel, tmp_path / "initrd", "", "")
+    assert RunInfo(tmp_path, plan, "main").deadline(60) == 60
+    assert RunInfo(tmp_path, replace(plan, boot_timeout=300), "main").deadline(60) == 300
+    assert RunInfo(tmp_path, replace(plan, boot_timeout=10), "main").deadline(60) == 60   # never shorter
+    assert RunInfo(tmp_path, None, "main", {"url": "ssh://lab"}).deadline(60) == 60
