@@ -17,15 +17,13 @@ tested with fakes in seconds; the defaults are the real probe and pytest child.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shlex
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,14 +45,12 @@ from harness.profiles import load_profile
 from harness.pytest_child import EarlyPytest, new_sock_parent, pytest_child, wait_pytest
 from harness.results import read_records, write_records
 from harness.rundir import (
-    Failure,
     FileRecord,
     Invocation,
     KernelRecord,
     ProfileRecord,
     QemuRecord,
     RunRecord,
-    RunStatus,
     new_run_id,
     read_machines,
     timestamp,
@@ -62,7 +58,15 @@ from harness.rundir import (
 )
 from harness.timeline import host_events, write_timeline
 from harness.tools import build_tools
-from harness.verdict import Verdict, finish, judge, print_diagnostics, print_summary
+from harness.verdict import (
+    Verdict,
+    creating_run_dir,
+    finish,
+    judge,
+    print_diagnostics,
+    print_summary,
+    write_final,
+)
 
 Prober = Callable[[], HostCaps]
 
@@ -156,53 +160,6 @@ def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan,
     return plan, caps
 
 
-# Room kept for the run's last words: meta.json's final version must fit even when
-# the console logs filled the results disk (a file of this size, freed at the end).
-_RESERVE = 64 * 1024
-
-
-@contextlib.contextmanager
-def _creating(run_dir: Path) -> Iterator[None]:
-    """The run directory, its first files and the reserve for its final meta.json, or
-    InfraError (exit 3) naming the results directory and nothing left of the run."""
-    try:
-        run_dir.mkdir(parents=True)
-        yield
-        with open(run_dir / ".reserve", "wb") as f:
-            f.write(bytes(_RESERVE))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise InfraError(f"results directory {run_dir.parent}: {e.strerror}") from None
-
-
-def _write_final(run_dir: Path, record: RunRecord) -> bool:
-    """meta.json with the run's final status. On a full disk the reserve (and any
-    temp file) is freed first; if not even then, say so on stderr with the path."""
-    reserve = run_dir / ".reserve"
-    try:
-        write_run(run_dir, record)
-        return True
-    except OSError as first:
-        for tmp in run_dir.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        reserve.unlink(missing_ok=True)
-        if record.status is not RunStatus.INTERRUPTED:
-            record.status, record.exit_code = RunStatus.ERROR, EXIT_INFRA
-            record.failure = Failure(f"results directory {run_dir.parent}: {first.strerror}", kind="results-full")
-        try:
-            write_run(run_dir, record)
-            print(f"harness: results directory {run_dir.parent}: {first.strerror}", file=sys.stderr)
-            return True
-        except OSError as e:
-            print(f"harness: results directory {run_dir.parent}: {e.strerror}: {run_dir / 'meta.json'} could not "
-                  "be finished (its status still says incomplete)", file=sys.stderr)
-            return False
-    finally:
-        reserve.unlink(missing_ok=True)
-
-
 def _results_root(req: RunRequest) -> Path:
     """--results, which must be (or become) a directory; BadInput naming it otherwise."""
     root = req.results.resolve()
@@ -290,7 +247,7 @@ def _run_local(req: RunRequest, argv: list[str], start: float, prober: Prober, l
         run_id = new_run_id(plan.kernel.release, plan.profile.name)
         run_dir = _results_root(req) / run_id
         record = _start_record(run_id, plan, caps, req, argv)
-        with _creating(run_dir):
+        with creating_run_dir(run_dir):
             guard.attach(run_dir)
             write_run(run_dir, record)
             atomic_write(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
@@ -355,7 +312,7 @@ def _run_remote(req: RunRequest, argv: list[str], start: float, launch: Launcher
     record = RunRecord(run_id=run_id, started=timestamp(), command=["harness", *argv], target=target.url,
                        kernel=KernelRecord(release=release, spec=req.kernel, label=req.label),
                        profile=ProfileRecord("remote", "remote"), invocation=req.invocation())
-    with _creating(run_dir):
+    with creating_run_dir(run_dir):
         atomic_write(run_dir / "target.json", json.dumps(info, indent=1) + "\n")
         write_run(run_dir, record)
         write_records(run_dir, [])
@@ -408,7 +365,7 @@ def _execute_logged(req: RunRequest, run_dir: Path, record: RunRecord, start: fl
     finish(record, verdict, records, read_machines(run_dir),
            tests=time.monotonic() - tests_start, total=time.monotonic() - start)
     events.emit(Source.HARNESS, "run-ended", f"run ended: {record.status} (exit {record.exit_code})")
-    if not _write_final(run_dir, record):
+    if not write_final(run_dir, record):
         return EXIT_INFRA
     try:
         # After meta.json: on a full disk the run's own record comes first.

@@ -1,5 +1,6 @@
 """A run's verdict: from the guest tests' exit status and records to the run's
-status, exit code and failure, and the summary printed at the end.
+status, exit code and failure, and the summary printed at the end; the run
+directory's first files and its final meta.json (with room kept for it).
 
 Exit codes (errors.py): 0 passed, 1 the kernel failed a test, 2 bad input (a
 selection of no tests, arguments pytest rejects), 3 infrastructure (internal
@@ -8,13 +9,18 @@ timeout, pytest broke, only errors), 128+N interrupted by signal N.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import shutil
 import signal
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.diagnostics import Diagnostics
-from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, RESULTS_UNWRITABLE
+from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, EXIT_KERNEL, EXIT_OK, RESULTS_UNWRITABLE, InfraError
 from harness.results import TestRecord, counts, exit_code_for, summary_table
 from harness.rundir import (
     Failure,
@@ -25,6 +31,7 @@ from harness.rundir import (
     RunStatus,
     Timings,
     timestamp,
+    write_run,
 )
 
 # What a launcher returns when the guest tests overran --timeout (it has stopped them);
@@ -133,3 +140,50 @@ def print_summary(run_dir: Path, record: RunRecord, records: list[TestRecord]) -
         for line in (record.failure.lines or [])[-8:]:
             print(f"  | {line}")
     print(f"status {record.status} (exit {record.exit_code}); results: {run_dir}")
+
+
+# Room kept for the run's last words: meta.json's final version must fit even when
+# the console logs filled the results disk (a file of this size, freed at the end).
+_RESERVE = 64 * 1024
+
+
+@contextlib.contextmanager
+def creating_run_dir(run_dir: Path) -> Iterator[None]:
+    """The run directory, its first files and the reserve for its final meta.json, or
+    InfraError (exit 3) naming the results directory and nothing left of the run."""
+    try:
+        run_dir.mkdir(parents=True)
+        yield
+        with open(run_dir / ".reserve", "wb") as f:
+            f.write(bytes(_RESERVE))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise InfraError(f"results directory {run_dir.parent}: {e.strerror}") from None
+
+
+def write_final(run_dir: Path, record: RunRecord) -> bool:
+    """meta.json with the run's final status. On a full disk the reserve (and any
+    temp file) is freed first; if not even then, say so on stderr with the path."""
+    reserve = run_dir / ".reserve"
+    try:
+        write_run(run_dir, record)
+        return True
+    except OSError as first:
+        for tmp in run_dir.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        reserve.unlink(missing_ok=True)
+        if record.status is not RunStatus.INTERRUPTED:
+            record.status, record.exit_code = RunStatus.ERROR, EXIT_INFRA
+            record.failure = Failure(f"results directory {run_dir.parent}: {first.strerror}", kind="results-full")
+        try:
+            write_run(run_dir, record)
+            print(f"harness: results directory {run_dir.parent}: {first.strerror}", file=sys.stderr)
+            return True
+        except OSError as e:
+            print(f"harness: results directory {run_dir.parent}: {e.strerror}: {run_dir / 'meta.json'} could not "
+                  "be finished (its status still says incomplete)", file=sys.stderr)
+            return False
+    finally:
+        reserve.unlink(missing_ok=True)

@@ -15,18 +15,16 @@ from pathlib import Path
 import pytest
 
 from harness.build import BuildSpec, build, read_config
+from harness.build.kbuild_count import count_objects, kbuild_objects, stale_objects
 from harness.build.progress import (
     Plan,
     Record,
     Terminal,
     bar_line,
-    count_objects,
-    kbuild_objects,
     load_record,
     object_of,
     plain_line,
     plan_for,
-    stale_objects,
     status,
     step_of,
     time_left,

@@ -125,3 +125,13 @@ def test_a_lazy_or_type_checking_import_counts() -> None:
     assert harness_imports(source, "harness.console") == [
         (3, "harness.plan"), (5, "harness.runner"), (6, "harness.kcidb.run"), (7, "harness.dmesg"),
         (8, "harness.probe.kvm")]
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_module_is_over_400_lines() -> None:
+    # One owner per module: past this size a module holds two things (issue 10's rule).
+    big = [f"{p.relative_to(REPO)}: {n} lines" for p in package_files()
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not big, "split these (one concern per module):\n" + "\n".join(big)

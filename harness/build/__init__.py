@@ -10,12 +10,11 @@ collect, publish). Every program they start goes through `command`.
 
 from __future__ import annotations
 
+from harness.build.artifact import ARTIFACT_META, FORMAT
 from harness.build.history import HistoryRepo, open_history
 from harness.build.kconfig import Dropped, Fragment, dropped_options, load_fragment, parse_fragment, read_config
 from harness.build.make import ARCH, first_errors, toolchain, warnings_of
 from harness.build.pipeline import (
-    ARTIFACT_META,
-    FORMAT,
     BuildFailed,
     BuildResult,
     PatchStep,

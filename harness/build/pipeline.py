@@ -7,8 +7,6 @@ never published (it would be a cache hit); its log is kept beside the cache.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.build.artifact import ARTIFACT_META, FORMAT, locked, publish, sweep_staging, write_meta
 from harness.build.command import run
 from harness.build.kconfig import Dropped, Fragment, dropped_options, load_fragment, read_config
 from harness.build.make import (
@@ -42,10 +41,6 @@ from harness.build.spec import BuildSpec
 from harness.errors import BadInput, InfraError, KernelFault
 from harness.hashing import file_sha256
 from harness.paths import cache_dir
-from harness.process import alive
-
-FORMAT = "build-v2"
-ARTIFACT_META = "harness-build.json"
 
 
 @dataclass
@@ -117,7 +112,7 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
     root = cache_dir() / "src" / hashlib.sha256(source.identity.encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
     waited = time.monotonic()
-    with _locked(root / ".lock"):
+    with locked(root / ".lock"):
         job.phases["lock wait"] = time.monotonic() - waited
         # An identical build may have finished while this one waited for the tree.
         hit = _cached(job.artifact, start, lambda _: None)
@@ -148,7 +143,7 @@ def build_checkout(tree: Path, source: Source, configs: list[str], progress: Pro
     hit = _cached(job.artifact, start, progress)
     if hit is not None:
         return hit
-    with _locked(tree.parent / ".lock"):
+    with locked(tree.parent / ".lock"):
         hit = _cached(job.artifact, start, lambda _: None)
         if hit is not None:
             return hit
@@ -191,7 +186,7 @@ class _Inputs:
         config_key = hashlib.sha256(json.dumps([self.base_config, _options(self.fragments)]).encode()).hexdigest()[:12]
         artifact = self.artifact
         artifact.parent.mkdir(parents=True, exist_ok=True)
-        _sweep_staging(artifact.parent)
+        sweep_staging(artifact.parent)
         staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
         (staging / ".owner").write_text(str(os.getpid()))
         job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress,
@@ -204,9 +199,9 @@ class _Inputs:
                 steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
             with self.phase("collect"):
                 release = job.collect(staging)
-            _write_meta(staging, self.source, self.patches, self.fragments, self.tools, release, dropped, steps,
+            write_meta(staging, self.source, self.patches, self.fragments, self.tools, release, dropped, steps,
                         self.start, self.phases)
-            _publish(staging, artifact)
+            publish(staging, artifact)
         except BuildFailed as e:
             # A failed build is never published (it would be a cache hit); its log is kept.
             shutil.copy2(job.log, kept_log)
@@ -246,14 +241,6 @@ def _cached(artifact: Path, start: float, progress: Progress) -> BuildResult | N
         shutil.rmtree(artifact, ignore_errors=True)
         return None
     return result
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 class _KernelBuild:
@@ -377,40 +364,3 @@ class _KernelBuild:
         return release
 
 
-def _write_meta(staging: Path, source: Source, patches: list[Patch], fragments: list[Fragment],
-                tools: dict[str, str], release: str, dropped: list[Dropped], steps: list[PatchStep],
-                start: float, phases: dict[str, float]) -> None:
-    meta = {"format": FORMAT, "release": release, "source": {"spec": source.spec, "identity": source.identity},
-            "patches": [p.to_json() for p in patches], "fragments": [str(f.path) for f in fragments],
-            "toolchain": tools, "dropped": [str(d) for d in dropped], "steps": [asdict(s) for s in steps],
-            "seconds": round(time.monotonic() - start, 1),
-            "phases": {name: round(seconds, 1) for name, seconds in phases.items()},
-            "image_sha256": file_sha256(staging / "bzImage")}
-    (staging / ARTIFACT_META).write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def _sweep_staging(kernels: Path) -> None:
-    """Remove what builds killed half-way (SIGKILL: no `finally` ran) left in the
-    cache: their staging directories and replaced entries. A live build's stay."""
-    for leftover in [*kernels.glob(".art-*"), *kernels.glob(".old-*")]:
-        try:
-            if alive(int((leftover / ".owner").read_text())):
-                continue
-        except (OSError, ValueError):
-            # No owner yet: a build that is starting right now, unless it is old.
-            with contextlib.suppress(OSError):
-                if leftover.name.startswith(".art-") and time.time() - leftover.stat().st_mtime < 60:
-                    continue
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _publish(staging: Path, artifact: Path) -> None:
-    """Move the finished artifact into place in one rename: a reader (or a harness
-    killed half-way) never sees a half-copied entry."""
-    os.chmod(staging, 0o755)
-    (staging / ".owner").unlink(missing_ok=True)
-    if artifact.exists():
-        old = artifact.with_name(f".old-{artifact.name}-{os.getpid()}")
-        artifact.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    staging.rename(artifact)
