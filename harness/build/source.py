@@ -205,8 +205,8 @@ class CachedTree:
 
     def has_symbol(self, symbol: str) -> bool:
         """Whether a Kconfig file of the tree defines `symbol` (no CONFIG_ prefix)."""
-        return run(["grep", "-r", "-q", "-E", "--include=Kconfig*", f"^\\s*(menu)?config {symbol}\\s*$",
-                    str(self.path)], timeout=120).ok
+        return run(["grep", "-r", "-q", "-E", "--include=Kconfig*", "--exclude-dir=.git",
+                    f"^\\s*(menu)?config {symbol}\\s*$", str(self.path)], timeout=120).ok
 
 
 def _apply_env(tree: Path) -> dict[str, str]:
@@ -280,4 +280,5 @@ def _check_out(source: Source, staging: Path, index: Path) -> None:
     if source.ref is None:
         diff = git(source.path, "diff", "HEAD", "--binary", timeout=300).stdout
         if diff:
-            git(staging, "apply", "--whitespace=nowarn", input=diff, timeout=300).check(f"{what}: git apply")
+            git(staging, "apply", "--whitespace=nowarn", input=diff, timeout=300,
+                env=_apply_env(staging)).check(f"{what}: git apply")
