@@ -107,6 +107,10 @@ def main() -> int:
         per_round = statistics.median(x / r for x, r in zip(t, raw_t, strict=True))
         print(f"median {labels.get(name, name)}: {med:.2f}s  ratio {med / raw_m:.2f}x "
               f"(median per-round ratio {per_round:.2f}x)")
+    if args.also_tree:
+        this, other = times["harness run (CLI)"], times[f"CLI of {args.also_tree}"]
+        paired = statistics.median(a / b for a, b in zip(this, other, strict=True))
+        print(f"this CLI / CLI of {args.also_tree}: median per-round ratio {paired:.2f}x")
     return 0
 
 
