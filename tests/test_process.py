@@ -17,6 +17,7 @@ from harness.errors import InfraError, Terminated
 from harness.machine import Machine
 from harness.process import SOCK_PREFIX, alive, raise_on_sigterm, run, stop_group, sweep_stale
 from harness.runner import RunRequest, make_plan
+from harness.sysfs import wait_until
 from tests.conftest import qemu_processes_mentioning
 
 # A stand-in for QEMU: kill_machines finds a VM by the `-name` in its argv.
@@ -55,6 +56,9 @@ def test_sweep_removes_a_dead_runs_directory_and_its_machines(tmp_path: Path) ->
     orphan = subprocess.Popen([*SLEEPER, "-name", f"{stale.name}-gw0"])
     kept = subprocess.Popen([*SLEEPER, "-name", f"{live.name}-gw0"])
     try:
+        # The sweep finds QEMUs by their command line: wait until both have exec'd (a loaded host).
+        for cmdline in (Path(f"/proc/{p.pid}/cmdline") for p in (orphan, kept)):
+            assert wait_until(lambda c=cmdline: b"-name" in c.read_bytes(), 30), "the stand-in never started"
         sweep_stale(tmp_path)
         assert orphan.wait(5) == -signal.SIGKILL
         assert not stale.exists()
