@@ -31,11 +31,12 @@ from harness.runner import RunRequest, make_plan
 POWEROFF_INIT = b"#!/bin/sh\n/bin/busybox poweroff -f\n"
 
 
-def raw_initrd(initrd: Path, out: Path) -> None:
-    # The kernel unpacks concatenated cpio archives in order.
+def raw_initrd(initrd: Path, out: Path, name: str = "bench-poweroff", init: bytes = POWEROFF_INIT) -> None:
+    """`initrd` plus a one-file archive holding `init` as /NAME (boot it with rdinit=/NAME):
+    the kernel unpacks concatenated cpio archives in order."""
     buf = io.BytesIO()
     w = CpioWriter(buf)
-    w.file("bench-poweroff", POWEROFF_INIT, 0o755)
+    w.file(name, init, 0o755)
     w.finish()
     out.write_bytes(initrd.read_bytes() + buf.getvalue())
 

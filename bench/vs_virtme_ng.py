@@ -25,7 +25,6 @@ busy with other work: read the ratios, measured side by side, not the times.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics
@@ -38,8 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from boot_overhead import raw_initrd  # noqa: E402
+
 from harness.build import BuildSpec, build  # noqa: E402
-from harness.cpio import CpioWriter  # noqa: E402
 from harness.paths import cache_dir  # noqa: E402
 from harness.runner import RunRequest, make_plan  # noqa: E402
 
@@ -58,16 +58,6 @@ def vng_venv() -> tuple[Path, str]:
         subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "virtme-ng"], check=True)
     version = subprocess.run([str(vng), "--version"], capture_output=True, text=True, check=True).stdout.strip()
     return venv / "bin", version
-
-
-def raw_initrd(initrd: Path, out: Path) -> None:
-    # The kernel unpacks concatenated cpio archives in order: the harness's busybox
-    # initramfs, then a one-file archive with the init that prints the release.
-    buf = io.BytesIO()
-    w = CpioWriter(buf)
-    w.file("bench-uname", UNAME_INIT, 0o755)
-    w.finish()
-    out.write_bytes(initrd.read_bytes() + buf.getvalue())
 
 
 def timed(argv: list[str], release: str | None, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -120,7 +110,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-vng-") as tmp:
         work = Path(tmp)
         initrd = work / "raw.cpio"
-        raw_initrd(plan.initrd, initrd)
+        raw_initrd(plan.initrd, initrd, "bench-uname", UNAME_INIT)
         console = work / "raw-console.log"
         raw = [plan.qemu, "-machine", f"q35,accel={plan.accel}", "-cpu", plan.profile.cpu_tcg,
                "-smp", str(plan.profile.smp), "-m", f"{plan.profile.memory_mib}M", "-nodefaults",
