@@ -144,7 +144,7 @@ class _Ticker:
         terminal = self._progress if isinstance(self._progress, Terminal) else None
         try:
             self._meter.work_out_plan()
-        except OSError:
+        except Exception:  # noqa: BLE001 - an estimate that fails must not stop the build or print a traceback
             pass    # no total then: the count and the time so far are still shown
         every = 1.0 if terminal else self.LINE_EVERY
         try:
