@@ -47,6 +47,12 @@ def toolchain() -> dict[str, str]:
 def make_args(tree: Path, out: Path, jobs: int | None = None) -> list[str]:
     args = ["make", "-C", str(tree), f"O={out}", f"ARCH={ARCH}", "KBUILD_BUILD_USER=harness",
             "KBUILD_BUILD_HOST=harness", "KBUILD_BUILD_TIMESTAMP=Thu Jan  1 00:00:00 UTC 2026"]
+    if not (tree / ".git").exists():
+        # kbuild's setlocalversion appends "+" to the release of a git tree that is not at
+        # a release tag. The harness's imported trees were such repositories (6.12.117+)
+        # until they became plain trees: keep the release they gave, which says what
+        # the kernel is (not a release build, maybe patched) and keeps old runs comparable.
+        args.append("LOCALVERSION=+")
     if shutil.which("ccache"):
         args.append("CC=ccache gcc")
     if jobs:
@@ -144,7 +150,7 @@ class _Ticker:
         terminal = self._progress if isinstance(self._progress, Terminal) else None
         try:
             self._meter.work_out_plan()
-        except OSError:
+        except Exception:  # noqa: BLE001 - an estimate that fails must not stop the build or print a traceback
             pass    # no total then: the count and the time so far are still shown
         every = 1.0 if terminal else self.LINE_EVERY
         try:

@@ -118,9 +118,12 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
         hit = _cached(job.artifact, start, lambda _: None)
         if hit is not None:
             return hit
-        progress(f"build: importing {source.spec}" if not imported(root) else f"build: {source.spec}")
+        importing = not imported(root)
+        progress(f"build: importing {source.spec}" if importing else f"build: {source.spec}")
         with job.phase("import"):
             tree = import_tree(source, root)
+        if importing:
+            progress(f"build: imported in {job.phases['import']:.0f}s")
         try:
             with job.phase("reset"):
                 tree.reset()
