@@ -204,7 +204,6 @@ def run(req: LabRequest, argv: list[str], dry_run: bool = False, as_json: bool =
             print(json.dumps(report, indent=2))
         else:
             print(f"profile: {PROFILE} (L1 under {report['accel']}: {report['accel_reason']})")
-            print(f"L1 QEMU: {report['l1_qemu']['path']} ({report['l1_qemu']['reason']})")
             print(f"L1 argv: {shlex.join(report['argv'])}")
             print(f"inside L1: {shlex.join(report['inner']['command'])}")
             print(f"  L2 profile {report['inner']['effective']}, accel {report['inner']['accel']}")
@@ -224,7 +223,7 @@ def run(req: LabRequest, argv: list[str], dry_run: bool = False, as_json: bool =
     meta: dict[str, Any] = {
         "run_id": run_id, "status": "incomplete", "harness_version": __version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": ["harness", *argv],
-        "host": caps.to_json(), "qemu": plan.qemu.to_json(),
+        "host": caps.to_json(), "qemu": {"path": plan.l1.qemu, "version": caps.qemu_version.value},
         "kernel": plan.l2_kernel.to_json(), "l1_kernel": plan.l1.kernel.to_json(),
         "profile": {"requested": PROFILE, "effective": PROFILE, "reasons": list(plan.l1.reasons),
                     "accel": plan.l1.accel, "accel_reason": plan.l1.accel_reason,
@@ -235,8 +234,8 @@ def run(req: LabRequest, argv: list[str], dry_run: bool = False, as_json: bool =
     atomic_write(run_dir / "reproduce.sh", "#!/bin/sh\n# Re-run this lab-host run's command.\n"
                  f"exec {shlex.join([sys.executable, '-m', 'harness', *argv])}\n", mode=0o755)
     print(f"run {run_id}: lab-host L1 {plan.l1.kernel.release} ({plan.l1.accel}), inner "
-          f"{plan.l1.profile.param('inner_profile')} with {plan.l2_kernel.release} on {', '.join(plan.bdfs)}; "
-          f"L1 on {plan.qemu.reason}", flush=True)
+          f"{plan.l1.profile.param('inner_profile')} with {plan.l2_kernel.release} on {', '.join(plan.bdfs)}",
+          flush=True)
     sock_parent = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     (sock_parent / "owner.pid").write_text(str(os.getpid()))
     record: dict[str, Any] = {"l1_plan": plan.l1.to_json(), "inner_command": plan.inner_argv, "assign": plan.bdfs}

@@ -33,15 +33,6 @@ _ADDR = re.compile(r"addr=(0x[0-9a-fA-F]+)(?:\.([0-7]))?")
 # What the inner run needs beyond its own deadline: probe, plan, L2 boot, shutdown, in an emulated L1.
 INNER_MARGIN = 600.0
 L2_BOOT_TIMEOUT = 300.0
-# L1 runs under TCG, whose SVM model L1's KVM drives. With QEMU 10.0.2 (Debian 12
-# backports) L2 wedged in L1's KVM under host load here, about once in three
-# emulated-suite runs in the twin: an emulate-and-inject-#PF loop (L1's KVM
-# exits, insn_emulation and pf_guest counters rising together, nothing else),
-# L2's QEMU unkillable in L1. QEMU 10.2 changed how TCG vCPUs post and clear
-# pending interrupts (atomics instead of unlocked updates, which VMRUN did); on
-# 10.2.2 no run wedged. L1 takes a QEMU at least this new when one is here.
-L1_QEMU_MIN = (10, 2)
-_VERSION = re.compile(r"(?:\d+:)?(\d+)\.(\d+)(?:\.(\d+))?")
 
 
 def is_lab_host(profile: Profile) -> bool:
@@ -135,53 +126,6 @@ def twin_caps(caps: HostCaps) -> HostCaps:
                    sev_snp=Fact(False, "no SEV-SNP in L1"), tdx=Fact(False, "no TDX in L1"))
 
 
-def _version(text: str) -> tuple[int, ...]:
-    m = _VERSION.search(text)
-    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
-
-
-def built_qemu() -> tuple[str, str] | None:
-    """(path, version) of the newest QEMU bin/build-qemu installed in the cache, or None."""
-    best: tuple[tuple[int, ...], str, str] | None = None
-    for info in (cache_dir() / "qemu").glob("*/BUILD-INFO"):
-        found = re.search(r"^debian-version: (\S+)$", info.read_text(errors="replace"), re.M)
-        binary = info.parent / "bin" / "qemu-system-x86_64"
-        version = _version(found.group(1)) if found else ()
-        if version and binary.is_file() and (best is None or version > best[0]):
-            best = (version, str(binary), ".".join(map(str, version)))
-    return (best[1], best[2]) if best else None
-
-
-@dataclass(frozen=True)
-class L1Qemu:
-    """The QEMU L1 runs on, its version, and why that one."""
-
-    path: str
-    version: str
-    reason: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"path": self.path, "version": self.version, "reason": self.reason}
-
-
-def l1_qemu(caps: HostCaps) -> L1Qemu:
-    """The probed QEMU ($HARNESS_QEMU, else PATH's) when it is L1_QEMU_MIN or newer or was
-    named in $HARNESS_QEMU; else the newest bin/build-qemu build when that one is; else the
-    probed one, saying what it risks."""
-    path, version = str(caps.qemu.value), str(caps.qemu_version.value)
-    minimum = ".".join(map(str, L1_QEMU_MIN))
-    if _version(version) >= L1_QEMU_MIN:
-        return L1Qemu(path, version, f"QEMU {version} {caps.qemu.evidence}")
-    risk = (f"QEMU before {minimum} can wedge L2 in L1's KVM under host load (TCG's SVM; "
-            "see harness/labplan.py)")
-    if os.environ.get("HARNESS_QEMU"):
-        return L1Qemu(path, version, f"QEMU {version} from HARNESS_QEMU, as asked; {risk}")
-    built = built_qemu()
-    if built is not None and _version(built[1]) >= L1_QEMU_MIN:
-        return L1Qemu(built[0], built[1], f"QEMU {built[1]} built by bin/build-qemu, not {path} ({version}): {risk}")
-    return L1Qemu(path, version, f"QEMU {version} {caps.qemu.evidence}; {risk}; bin/build-qemu builds a newer one")
-
-
 @dataclass(frozen=True)
 class LabPlan:
     """Both levels: L1's launch plan and the inner run's command."""
@@ -190,7 +134,6 @@ class LabPlan:
     l2_kernel: Kernel
     inner_argv: list[str]
     bdfs: list[str]
-    qemu: L1Qemu
 
     def l1_argv(self, sock_dir: str | Path, name: str) -> list[str]:
         return self.l1.argv(sock_dir, name)
@@ -215,13 +158,12 @@ def make_lab_plan(req: LabRequest, share: Path, caps: HostCaps | None = None) ->
     l1_kernel = resolve_kernel(str(REPO / path) if not path.is_absolute() and (REPO / path).exists() else spec)
     l1_initrd = build_initramfs(l1_kernel, (), extra_files=((SETUP, GUESTFS / "lab-host-setup"),))
     accel, why = choose_accel(profile, caps)
-    qemu = l1_qemu(caps)
     l1 = LaunchPlan(
         requested=PROFILE, profile=profile, reasons=choice.reasons, requested_profile=choice.requested,
-        accel=accel, accel_reason=why, qemu=qemu.path, kernel=l1_kernel, initrd=l1_initrd.path,
+        accel=accel, accel_reason=why, qemu=str(caps.qemu.value), kernel=l1_kernel, initrd=l1_initrd.path,
         initrd_sha256=l1_initrd.sha256, cmdline=kernel_cmdline(profile),
     )
-    return with_share(LabPlan(l1, l2_kernel, [], bdfs, qemu), req, share), caps
+    return with_share(LabPlan(l1, l2_kernel, [], bdfs), req, share), caps
 
 
 def with_share(plan: LabPlan, req: LabRequest, share: Path) -> LabPlan:
@@ -255,6 +197,6 @@ def dry_run_report(req: LabRequest, plan: LabPlan, caps: HostCaps) -> dict[str, 
         # L1 runs under TCG by design (its -cpu max is what offers SVM): the same argv everywhere.
         "requested_argv": l1.argv(SOCK_DIR_PLACEHOLDER, "harness-l1"),
         "params": dict(l1.profile.params),
-        "l1_kernel": l1.kernel.to_json(), "l1_qemu": plan.qemu.to_json(),
+        "l1_kernel": l1.kernel.to_json(),
         "inner": {"command": plan.inner_argv, "assign": plan.bdfs, **inner_report(inner_plan)},
     }

@@ -116,22 +116,3 @@ def cli() -> Iterator[Cli]:
 def debian_kernel() -> Kernel:
     """The default kernel (a real Debian cloud kernel, cached after the first download)."""
     return resolve_kernel(PREBUILT_KERNEL)
-
-
-@pytest.fixture(scope="session")
-def newest_qemu() -> str:
-    """The newest QEMU Debian's source packages offer, built by bin/build-qemu.
-
-    Built here when absent (once per machine: several minutes, see README);
-    $HARNESS_NEWEST_QEMU names another build. Never a skip: CI checks every
-    profile's argv against it, tdx included, which QEMU 10.0 cannot parse, and
-    the lab-host twin's L1 runs on it (harness/labplan.py: L1_QEMU_MIN).
-    """
-    given = os.environ.get("HARNESS_NEWEST_QEMU")
-    if given:
-        return given
-    proc = subprocess.run([str(REPO / "bin" / "build-qemu")], capture_output=True, text=True, timeout=4800,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        pytest.fail(f"bin/build-qemu exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-    return proc.stdout.strip().splitlines()[-1]
