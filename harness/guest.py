@@ -157,7 +157,9 @@ class AgentSession(GuestChannel):
             self._child.expect(rb"@@READY (\S+)\n", timeout=timeout)
         except pexpect.TIMEOUT:
             return False
-        except pexpect.EOF:
+        except (pexpect.EOF, OSError):
+            # A QEMU killed with unread input on its socket resets the connection
+            # (ECONNRESET) instead of closing it: the same end of the channel.
             self.closed = True
             return False
         self.release = self._child.match.group(1).decode()
@@ -178,14 +180,15 @@ class AgentSession(GuestChannel):
         token = f"{self._prefix}{self._seq}".encode()
         payload = base64.b64encode(command.encode()).decode()
         start = time.monotonic()
-        self._child.send(f"{token.decode()} {max(1, math.ceil(limit))} {payload}\n".encode())
         try:
+            self._child.send(f"{token.decode()} {max(1, math.ceil(limit))} {payload}\n".encode())
             self._child.expect(re.escape(b"@@E" + token + b" ") + rb"(\d+)\n", timeout=limit + 10)
         except pexpect.TIMEOUT:
             self._broken = (f"guest did not answer {short(command)} within {limit + 10:.0f} s "
                             "(command channel stuck: kernel hang?)")
             raise GuestUnresponsive(self._broken) from None
-        except pexpect.EOF:
+        except (pexpect.EOF, OSError):
+            # EOF, or ECONNRESET/EPIPE when QEMU went away with bytes unread on its socket.
             self._broken = f"command channel closed while running {short(command)} (guest died?)"
             raise GuestUnresponsive(self._broken) from None
         rc = int(self._child.match.group(1))

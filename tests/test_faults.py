@@ -9,7 +9,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 from junitparser import JUnitXml
 
+from harness.errors import GuestUnresponsive
+from harness.guest import AgentSession
 from harness.process import processes
 from tests.conftest import REPO, Cli, meta
 
@@ -136,3 +140,22 @@ def test_qemu_stopped_from_outside_is_infrastructure_at_the_command_deadline(cli
     records = json.loads((cli.only_run() / "tests.json").read_text())
     assert not [r for r in records if r["status"] == "failed"], records
     assert any("QEMU is stopped (SIGSTOP from outside the harness)" in r["message"] for r in records), records
+
+
+@pytest.mark.parametrize("when", ["before the command", "while it runs"])
+def test_a_reset_command_channel_is_a_dead_guest_not_a_traceback(when: str) -> None:
+    """A QEMU killed with bytes unread on its channel socket resets the connection: EPIPE on
+    the next send, ECONNRESET on a read in progress (seen in CI: the SIGKILL test above got a
+    raw ConnectionResetError, exit 1). Both are the guest gone, as a clean EOF is."""
+    ours, qemu = socket.socketpair()
+    agent = AgentSession(ours, default_timeout=5)
+    ours.sendall(b"bytes QEMU never read\n")
+    if when == "before the command":
+        qemu.close()
+    else:
+        threading.Timer(0.3, qemu.close).start()
+    with pytest.raises(GuestUnresponsive, match=r"command channel closed while running 'true' \(guest died\?\)"):
+        agent.run("true", timeout=5)
+    with pytest.raises(GuestUnresponsive):
+        agent.run("true")
+    agent.close()
