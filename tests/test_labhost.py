@@ -201,7 +201,7 @@ def _start_in_background(lab: LabHost, args: list[str], log: Path) -> int:
     return int(lab.sh(command, timeout=30).stdout.strip())
 
 
-def _wait_disk_in_l2(lab: LabHost, pid: int, out: Path, timeout: float) -> None:
+def _wait_disk_in_l2(lab: LabHost, pid: int, out: Path, timeout: float, log: Path) -> None:
     """Until L2's console (in the inner run directory, on the share) shows the assigned NVMe's
     namespace: the function is plugged and the DMA test, next, is about to start."""
     deadline = time.monotonic() + timeout
@@ -209,7 +209,9 @@ def _wait_disk_in_l2(lab: LabHost, pid: int, out: Path, timeout: float) -> None:
         consoles = list(out.glob("*/console.log")) if out.is_dir() else []
         if consoles and "nvme0: Ignoring bogus Namespace Identifiers" in consoles[0].read_text(errors="replace"):
             return
-        assert lab.agent.run(f"kill -0 {pid}").ok, "the inner run ended before assigning anything"
+        if not lab.agent.run(f"kill -0 {pid}").ok:
+            said = log.read_text(errors="replace")[-3000:] if log.is_file() else f"(no {log.name})"
+            raise AssertionError(f"the inner run ended before assigning anything:\n{said}")
         time.sleep(1)
     raise AssertionError(f"the assigned NVMe did not show up in L2 within {timeout:.0f} s")
 
@@ -223,8 +225,9 @@ def test_the_inner_run_killed_mid_dma_still_restores(twin: tuple[LabHost, Path, 
     out = share / f"killed-{signal_name}"
     # Enough DMA that it is still running when the signal comes (minutes; the kill comes in seconds).
     args = _vfio(kernel, out, NVME, "-k", "test_assigned_nvme_dma_verifies", "--vfio-dma-ops=100000")
-    pid = _start_in_background(lab, args, share / f"killed-{signal_name}.log")
-    _wait_disk_in_l2(lab, pid, out, INNER_TIMEOUT)
+    log = share / f"killed-{signal_name}.log"
+    pid = _start_in_background(lab, args, log)
+    _wait_disk_in_l2(lab, pid, out, INNER_TIMEOUT, log)
     time.sleep(5)   # the DMA test is running now, for minutes
     assert lab.agent.run("ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c /dev/vfio/").stdout.strip() != "0"
     assert lab.functions([NVME])[NVME] == {"driver": "vfio-pci", "driver_override": "vfio-pci"}
