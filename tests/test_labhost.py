@@ -210,8 +210,7 @@ def _wait_disk_in_l2(lab: LabHost, pid: int, out: Path, timeout: float, log: Pat
         if consoles and "nvme0: Ignoring bogus Namespace Identifiers" in consoles[0].read_text(errors="replace"):
             return
         if not lab.agent.run(f"kill -0 {pid}").ok:
-            said = log.read_text(errors="replace")[-3000:] if log.is_file() else f"(no {log.name})"
-            raise AssertionError(f"the inner run ended before assigning anything:\n{said}")
+            raise AssertionError("the inner run ended before assigning anything:\n" + _inner_story(lab, log, out))
         time.sleep(1)
     raise AssertionError(f"the assigned NVMe did not show up in L2 within {timeout:.0f} s")
 
