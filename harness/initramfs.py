@@ -190,7 +190,7 @@ def _render(
     buf = io.BytesIO()
     cpio = CpioWriter(buf)
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "etc/harness", "proc", "sys",
-              "dev", "tmp", "run", "root", "lib", "lib/modules"):
+              "dev", "tmp", "run", "mnt", "root", "lib", "lib/modules"):
         cpio.directory(d)
     # The kernel opens /dev/console for init before devtmpfs is mounted.
     cpio.char_device("dev/console", 5, 1)
@@ -202,6 +202,7 @@ def _render(
     cpio.file("init", (GUESTFS / "init").read_bytes(), 0o755)
     cpio.file("bin/harness-agent", (GUESTFS / "harness-agent").read_bytes(), 0o755)
     cpio.file("etc/profile", (GUESTFS / "profile").read_bytes())
+    cpio.file("etc/fstab", (GUESTFS / "fstab").read_bytes())
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\n")
     if order and kernel.modules_dir is not None:

@@ -3,9 +3,11 @@
 Lifecycle: `launch()` -> `wait_boot()` -> guest channel -> `shutdown()`, in
 named phases:
 
-    launch    _pre_launch   private directory, listening sockets, QMP server,
+    launch    start:
+              _pre_launch   private directory, listening sockets, QMP server,
                             scratch disks, channel set-up, argv
               _launch       QEMU in its own session, dying with its owner
+              connect:
               _post_launch  accept QEMU's connections, console reader, serial
                             agent, QMP handshake (all within one deadline)
     shutdown  _soft_shutdown  QMP quit, then QEMU's own exit
@@ -157,9 +159,24 @@ class Machine:
         start, exits or never connects, InfraError if the channel set-up fails;
         everything started so far is stopped and removed first.
         """
+        self.start()
+        self.connect()
+
+    def start(self) -> None:
+        """The first half of `launch`: everything up to QEMU running (it has not
+        connected yet). `connect` is the second half; in between, the caller may do
+        other work while QEMU starts (the plugin collects the tests)."""
         try:
             self._pre_launch()
             self._launch()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def connect(self) -> None:
+        """The second half of `launch`: accept QEMU's connections, start the console
+        reader and the agent, negotiate QMP."""
+        try:
             self._post_launch()
         except BaseException:
             self.shutdown()

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from harness import cache_root
+
 REPO = Path(__file__).resolve().parent.parent
 PROFILES_DIR = REPO / "qemu_cmdlines"
 KCONFIGS_DIR = REPO / "kconfigs"
@@ -25,12 +27,7 @@ def cache_dir() -> Path:
     `HARNESS_CACHE` overrides it; otherwise `$XDG_CACHE_HOME/coco-harness`.
     It lives outside the repository so that clones share it.
     """
-    env = os.environ.get("HARNESS_CACHE")
-    if env:
-        path = Path(env)
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        path = Path(base) / "coco-harness"
+    path = Path(cache_root())
     path.mkdir(parents=True, exist_ok=True)
     return path
 

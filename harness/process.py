@@ -7,12 +7,14 @@
 - Stopping: SIGTERM to a process group, then SIGKILL.
 - Signals: SIGTERM raised as `errors.Terminated`, so cleanup in `finally` runs.
 - Short-lived helpers (`run`): argument lists only, a deadline always, failures
-  mapped to the harness's error types.
+  mapped to the harness's error types; `version_line` remembers what a
+  program's `--version` said.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shlex
 import shutil
@@ -27,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 
 from harness.errors import InfraError, Terminated
+from harness.paths import atomic_write, cache_dir
 
 _PR_SET_PDEATHSIG = 1
 
@@ -221,3 +224,35 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # already gone
+
+
+def version_line(program: str) -> str:
+    """The first line of `program --version` ("unknown" if it printed nothing), kept in the cache per
+    program file (its real path, size and mtime): asking cost a run 5-300 ms for each program (a
+    process start, more on a busy host), and an upgrade replaces the file. Raises InfraError as `run`."""
+    path = shutil.which(program) or program
+    try:
+        st = os.stat(path)
+        real = os.path.realpath(path)
+        key = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        real = key = ""
+    memo = cache_dir() / "tools" / "versions.json"
+    known: dict[str, dict[str, str]] = {}
+    try:
+        loaded = json.loads(memo.read_text())
+        known = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        pass
+    entry = known.get(real) if real else None
+    if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("version"), str):
+        return str(entry["version"])
+    out = run([path, "--version"], timeout=30).out
+    version = out.splitlines()[0] if out else "unknown"
+    if real:
+        known[real] = {"key": key, "version": version}
+        try:
+            atomic_write(memo, json.dumps(known, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass
+    return version

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from harness import pytest_boot
 from harness.diagnostics import REMOTE_CONFIG
 from harness.dmesg import Allow, describe, errors, load_allowlist, scan
 from harness.errors import HarnessError, KernelFault
@@ -39,6 +40,7 @@ from harness.guest import GuestChannel
 from harness.machine import Machine
 from harness.plan import LaunchPlan
 from harness.process import raise_on_sigterm
+from harness.pytest_boot import PLAN_WAIT, EarlyVm, new_machine
 from harness.pytest_record import Recorder, TestStamper
 from harness.qmp import QmpChannel
 from harness.results import TestRecord
@@ -134,12 +136,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hotplug-cycles", type=int, default=3, help="plug/unplug cycles per hotplug test")
 
 
-# How long a pytest started before its run was planned waits for the plan: the
-# plan may build a kernel first. The runner's own deadlines end it sooner (its
-# death closes the pipe), so this only bounds a runner that hangs.
-_PLAN_WAIT = 6 * 3600.0
-
-
 def _await_plan(config: pytest.Config) -> None:
     """With --harness-plan-fd: wait for the runner to write the run directory into the pipe.
 
@@ -147,18 +143,22 @@ def _await_plan(config: pytest.Config) -> None:
     pytest with exit 3 before it collects or boots anything.
     """
     fd = config.getoption("harness_plan_fd")
-    if fd is None:
+    early = pytest_boot.current
+    if fd is None and (early is None or config.getoption("harness_run_dir")):
         return
     if hasattr(config, "workerinput"):
         # An xdist worker gets its controller's command line, not its options.
         config.option.harness_run_dir = config.workerinput.get("harness_run_dir")
         return
-    with open(fd, "rb", closefd=True) as pipe:
-        ready, _, _ = select.select([pipe], [], [], _PLAN_WAIT)
-        path = pipe.readline().strip() if ready else b""
+    if early is not None:
+        path = early.result()[0]   # the early boot read the pipe
+    else:
+        with open(fd, "rb", closefd=True) as pipe:
+            ready, _, _ = select.select([pipe], [], [], PLAN_WAIT)
+            path = os.fsdecode(pipe.readline().strip()) if ready else ""
     if not path:
         pytest.exit("harness: the run was not planned (its runner stopped first)", returncode=3)
-    config.option.harness_run_dir = os.fsdecode(path)
+    config.option.harness_run_dir = path
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -181,6 +181,40 @@ def pytest_configure(config: pytest.Config) -> None:
     # hears of a test's start only after its worker may have acted on the VM.
     if hasattr(config, "workerinput") or config.getoption("dist", default="no") == "no":
         config.pluginmanager.register(TestStamper(EventLog(run_dir / EVENTS, _worker())), "harness-stamper")
+    _keep_early_vm(config)
+
+
+def _keep_early_vm(config: pytest.Config) -> None:
+    """The VM harness.pytest_main started before pytest (harness.pytest_boot), kept for the
+    `machine` fixture, or stopped when this process runs no test itself."""
+    early = pytest_boot.current
+    vm = early.result()[1] if early is not None else None
+    if vm is None:
+        return
+    if hasattr(config, "workerinput") or config.getoption("dist", default="no") != "no" \
+            or config.option.collectonly:
+        _stop(vm)
+        return
+    config.stash[_EARLY] = vm
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """An early VM that no test took (none was selected, collection failed) is stopped; the
+    thread that started QEMU may end."""
+    vm = config.stash.get(_EARLY, None)
+    if vm is not None:
+        del config.stash[_EARLY]
+        _stop(vm)
+    if pytest_boot.current is not None:
+        pytest_boot.current.release()
+
+
+def _stop(vm: EarlyVm) -> None:
+    vm.machine.shutdown()
+    vm.events.close()
+
+
+_EARLY = pytest.StashKey[EarlyVm]()
 
 
 def _worker() -> str:
@@ -192,7 +226,10 @@ def run_info(request: pytest.FixtureRequest) -> RunInfo:
     run_dir = request.config.getoption("harness_run_dir")
     if not run_dir:
         pytest.fail("guest tests need a VM: run them with `harness run`", pytrace=False)
-    path = Path(run_dir)
+    return read_run_info(Path(run_dir))
+
+
+def read_run_info(path: Path) -> RunInfo:
     if (path / "target.json").exists():
         return RunInfo(path, None, _worker(), json.loads((path / "target.json").read_text()))
     plan = LaunchPlan.from_json(json.loads((path / "plan.json").read_text()))
@@ -204,19 +241,20 @@ def machine(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Machi
     """The booted VM of this pytest process. Boot failures raise (and are cached)."""
     if run_info.plan is None:
         pytest.skip(f"remote target {run_info.target and run_info.target['url']}: no QEMU machine to drive")
-    first = run_info.worker in ("main", "gw0")
-    suffix = "" if first else f"-{run_info.worker}"
-    sock_parent = os.environ.get("HARNESS_SOCK_DIR")
-    name = os.environ.get("HARNESS_MACHINE_PREFIX", "harness") + f"-{run_info.worker}"
-    events = EventLog(run_info.run_dir / EVENTS, run_info.worker)
-    m = Machine(run_info.plan, run_info.run_dir, name=name,
-                sock_parent=Path(sock_parent) if sock_parent else None,
-                console_log=f"console{suffix}.log", events=events)
-    record = MachineRecord(name=name, worker=run_info.worker, console=m.console_path.name)
+    suffix = "" if run_info.worker in ("main", "gw0") else f"-{run_info.worker}"
+    early = request.config.stash.get(_EARLY, None)
+    if early is not None:
+        del request.config.stash[_EARLY]
+        m, record, events, error = early.machine, early.record, early.events, early.error
+    else:
+        (m, record, events), error = new_machine(run_info.run_dir, run_info.plan, run_info.worker), None
     request.config.stash[_MACHINE] = m
-    write_machine(run_info.run_dir, record)
     try:
-        m.launch()
+        if error is not None:
+            raise error
+        if m.qemu is None:
+            m.start()
+        m.connect()
         record.argv = m.argv
         m.wait_boot()
     except BaseException as e:

@@ -97,6 +97,9 @@ class Recorder:
     """Collects reports in the process that sees all of them; writes results."""
 
     def __init__(self, run_dir: Path) -> None:
+        # junitparser now, while the VM boots, not at the first report (harness.results loads it late).
+        import junitparser  # noqa: F401
+
         self.run_dir = run_dir
         self.records: dict[str, TestRecord] = {}
         self._order: list[str] = []

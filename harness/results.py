@@ -14,12 +14,14 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import EXIT_INFRA, EXIT_KERNEL, EXIT_OK
 from harness.paths import atomic_write
+
+if TYPE_CHECKING:
+    # junitparser is loaded when a JUnit file is written: a run's start does not wait for it.
+    from junitparser import JUnitXml
 
 STATUSES = ("passed", "failed", "error", "skipped")
 
@@ -63,6 +65,8 @@ def read_records(run_dir: Path) -> list[TestRecord]:
 
 
 def write_junit(path: Path, records: list[TestRecord], suite: str) -> None:
+    from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
+
     ts = TestSuite(suite)
     for rec in records:
         case = TestCase(rec.name, classname=rec.classname, time=round(rec.seconds, 3))

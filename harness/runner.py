@@ -34,7 +34,6 @@ from harness.events import EVENTS, EventLog, Source
 from harness.hoststate import guard_for
 from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
-from harness.labhost import run as run_lab_host
 from harness.labplan import LabRequest, is_lab_host
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
 from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
@@ -56,7 +55,6 @@ from harness.rundir import (
     timestamp,
     write_run,
 )
-from harness.timeline import host_events, write_timeline
 from harness.tools import build_tools
 from harness.verdict import (
     Verdict,
@@ -223,6 +221,8 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
         if req.target is not None:
             return _run_remote(req, argv, start, launch)
         if not local:
+            from harness.labhost import run as run_lab_host
+
             return run_lab_host(LabRequest(
                 kernel=req.kernel, params=req.params, results=req.results, tests=req.tests,
                 pytest_args=req.pytest_args, append=req.append, boot_timeout=req.boot_timeout,
@@ -356,6 +356,8 @@ def _execute_logged(req: RunRequest, run_dir: Path, record: RunRecord, start: fl
     events.emit(Source.HARNESS, "tests-ended", f"guest tests ended: {verdict.status} (exit {verdict.exit_code})"
                 + (f": {verdict.note}" if verdict.note else ""))
     if host_log is not None:
+        from harness.timeline import host_events
+
         events.write(host_events(host_log.read(), events))
     records = read_records(run_dir)
     remote_config = run_dir / REMOTE_CONFIG
@@ -369,6 +371,8 @@ def _execute_logged(req: RunRequest, run_dir: Path, record: RunRecord, start: fl
         return EXIT_INFRA
     try:
         # After meta.json: on a full disk the run's own record comes first.
+        from harness.timeline import write_timeline
+
         write_timeline(run_dir, record.run_id)
     except OSError as e:
         print(f"warning: {run_dir / 'timeline.txt'}: {e.strerror}", file=sys.stderr)

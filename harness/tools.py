@@ -3,49 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 from pathlib import Path
 
 from harness import process
 from harness.errors import InfraError
-from harness.paths import GUEST_TESTS_DIR, atomic_write, cache_dir
+from harness.paths import GUEST_TESTS_DIR, cache_dir
 
 TOOLS_DIR = GUEST_TESTS_DIR / "tools"
 
 
 def _compiler() -> tuple[str, str]:
-    """The C compiler and the first line of its `--version` (part of each tool's cache key).
-
-    The version is kept per compiler file (path, size, mtime): asking the
-    compiler cost every run 5-300 ms (a process start, more on a busy host),
-    and an upgrade replaces the file.
-    """
+    """The C compiler and the first line of its `--version` (part of each tool's cache key)."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise InfraError("no C compiler for the guest tools: install gcc and libc6-dev")
-    try:
-        st = os.stat(cc)
-    except OSError:
-        st = None
-    key = f"{os.path.realpath(cc)}:{st.st_size}:{st.st_mtime_ns}" if st is not None else None
-    memo = cache_dir() / "tools" / "compiler.json"
-    if key is not None:
-        try:
-            known = json.loads(memo.read_text())
-            if known.get("key") == key and isinstance(known.get("version"), str):
-                return cc, known["version"]
-        except (OSError, ValueError, AttributeError):
-            pass
-    out = process.run([cc, "--version"], timeout=30).out
-    version = out.splitlines()[0] if out else "unknown"
-    if key is not None:
-        try:
-            atomic_write(memo, json.dumps({"key": key, "version": version}) + "\n")
-        except OSError:
-            pass
-    return cc, version
+    return cc, process.version_line(cc)
 
 
 def build_tools(sources: Path = TOOLS_DIR) -> tuple[tuple[str, Path], ...]:

@@ -49,8 +49,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("compare/report/export", ("compare", "runindex", "report", "kcidb")),
     # Orchestration may import anything.
     ("orchestration", ("cli", "cli_args", "__main__", "runner", "nightly", "reproduce", "pytest_plugin",
-                       "pytest_record", "pytest_main", "pytest_child", "probe_report", "bisect", "bisect_git",
-                       "bisect_step", "bisect_record", "labplan", "labhost")),
+                       "pytest_record", "pytest_main", "pytest_child", "pytest_boot", "probe_report", "bisect",
+                       "bisect_git", "bisect_step", "bisect_record", "labplan", "labhost")),
 )
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 

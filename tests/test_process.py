@@ -15,7 +15,7 @@ import pytest
 
 from harness.errors import InfraError, Terminated
 from harness.machine import Machine
-from harness.process import SOCK_PREFIX, alive, raise_on_sigterm, run, stop_group, sweep_stale
+from harness.process import SOCK_PREFIX, alive, raise_on_sigterm, run, stop_group, sweep_stale, version_line
 from harness.runner import RunRequest, make_plan
 from harness.sysfs import wait_until
 from tests.conftest import qemu_processes_mentioning
@@ -147,3 +147,21 @@ def test_a_failed_qmp_quit_is_noted_and_qemu_still_stops(debian_kernel) -> None:
                                     "stopping QEMU with signals"]
         assert m.exit_status == -signal.SIGKILL and m.sock_dir is None
         assert not qemu_processes_mentioning(tmp)
+
+
+def test_version_line_asks_a_program_once_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    count = tmp_path / "count"
+    prog = tmp_path / "prog"
+    prog.write_text(f"#!/bin/sh\necho x >> {count}\necho 'prog 1.0'\necho 'more text'\n")
+    prog.chmod(0o755)
+    assert version_line(str(prog)) == version_line(str(prog)) == "prog 1.0"
+    assert count.read_text() == "x\n", "asked twice"
+    # An upgrade replaces the file: a new size or mtime asks again.
+    prog.write_text(f"#!/bin/sh\necho x >> {count}\necho 'prog 2.0 upgraded'\n")
+    assert version_line(str(prog)) == "prog 2.0 upgraded" and count.read_text() == "x\nx\n"
+    # An unreadable memo is asked around, never an error.
+    (tmp_path / "cache" / "tools" / "versions.json").write_text("{not json")
+    assert version_line(str(prog)) == "prog 2.0 upgraded"
+    with pytest.raises(InfraError, match="not found"):
+        version_line(str(tmp_path / "no-such-program"))

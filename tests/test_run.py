@@ -155,6 +155,16 @@ def test_pytest_selection_passes_through(cli: Cli) -> None:
     assert junit_counts(cli.only_run()) == (2, 0, 0, 0)
 
 
+def test_the_vm_starts_before_the_tests_are_collected(cli: Cli) -> None:
+    """A single pytest child starts QEMU as soon as it has the plan (harness.pytest_boot): the
+    first test starts after QEMU did, where the fixture used to start it inside that test."""
+    proc = cli("run", "--results", str(cli.results), "-k", "test_reached_userspace")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kinds = [json.loads(line)["kind"] for line in (cli.only_run() / "events.jsonl").read_text().splitlines()]
+    assert kinds.index("qemu-started") < kinds.index("test-start") < kinds.index("boot-detected"), kinds
+    assert [m["worker"] for m in meta(cli.only_run())["machines"]] == ["main"]
+
+
 def test_dry_run_prints_the_plan_and_starts_nothing(cli: Cli) -> None:
     proc = cli("run", "--results", str(cli.results), "--dry-run", "--json", "--append", "foo=bar")
     assert proc.returncode == 0, proc.stderr

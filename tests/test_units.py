@@ -22,6 +22,7 @@ from harness.initramfs import resolve_modules
 from harness.kernel import bzimage_release
 from harness.machine import boot_error, boot_timeout
 from harness.profiles import load_profile
+from harness.pytest_boot import single_process
 from harness.pytest_record import classify
 from harness.qemuproc import QemuProcess
 from harness.results import TestRecord, exit_code_for, write_junit
@@ -322,3 +323,17 @@ def test_guest_deadlines_stretch_as_the_run_stretched_its_boot_deadline(tmp_path
     assert RunInfo(tmp_path, replace(plan, boot_timeout=300), "main").deadline(60) == 300
     assert RunInfo(tmp_path, replace(plan, boot_timeout=10), "main").deadline(60) == 60   # never shorter
     assert RunInfo(tmp_path, None, "main", {"url": "ssh://lab"}).deadline(60) == 60
+
+
+@pytest.mark.parametrize("argv, addopts, single", [
+    (["-q", "guest_tests", "-k", "test_reached_userspace"], "", True),
+    (["-k", "dma or hotplug", "--tb=short"], "-p no:cacheprovider", True),
+    (["-n", "2", "guest_tests"], "", False),
+    (["-n2"], "", False),
+    (["--numprocesses=auto"], "", False),
+    (["--dist", "load"], "", False),
+    (["-q"], "-n 4", False),
+    (["-q"], "'unbalanced", False),   # unparsable: assume the worst
+])
+def test_early_boot_only_where_pytest_runs_the_tests_itself(argv: list[str], addopts: str, single: bool) -> None:
+    assert single_process(argv, addopts) is single

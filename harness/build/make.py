@@ -18,6 +18,7 @@ from types import TracebackType
 from harness.build.command import DEADLINE, run
 from harness.build.progress import Plan, Status, Terminal, object_of, plain_line, status, step_of
 from harness.errors import InfraError
+from harness.process import version_line
 
 ARCH = "x86_64"
 # A deadline that only a hung build reaches: a cold defconfig on 2 cores is well under it.
@@ -38,8 +39,7 @@ def toolchain() -> dict[str, str]:
         raise InfraError(f"kernel build toolchain incomplete: missing {', '.join(missing)}")
     versions = {}
     for tool in ("gcc", "make"):
-        out = run([tool, "--version"], timeout=30).out
-        versions[tool] = out.splitlines()[0] if out else "unknown"
+        versions[tool] = version_line(tool)
     versions["ccache"] = "yes" if shutil.which("ccache") else "no"
     return versions
 
