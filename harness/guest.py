@@ -3,7 +3,7 @@
 `GuestChannel` is the face every channel shows (run, check, put, get);
 `AgentSession` runs commands over a channel the kernel log never touches:
 the guest's second serial port (ttyS1), driven with pexpect;
-the kernel's console is ttyS0. The guest side is `guestfs/harness-agent`; its
+the kernel's console is ttyS0. The guest side is `guestfs/harness-agent.c`; its
 protocol frames stdout, stderr and the exit status with per-command tokens, so
 output is never mistaken for a marker and never mixed with printk.
 """

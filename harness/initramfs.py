@@ -22,6 +22,7 @@ from harness.cpio import CpioWriter
 from harness.errors import InfraError
 from harness.kernel import Kernel
 from harness.paths import atomic_write, cache_dir
+from harness.tools import guest_program
 
 FORMAT = "initramfs-v1"
 GUESTFS = Path(__file__).resolve().parent / "guestfs"
@@ -157,6 +158,7 @@ def build_initramfs(
     are reported in `missing_modules`, not raised: the tests that need them say so.
     """
     busybox = _busybox()
+    agent = guest_program(GUESTFS / "harness-agent.c")
     if ssh:
         extra_files = (*extra_files, *((str(p), p) for p in elf_with_libraries(DROPBEAR)))
     order: list[str] = []
@@ -173,6 +175,7 @@ def build_initramfs(
     for part in (FORMAT, kernel.release, kernel.sha256, *order, *missing):
         key.update(part.encode() + b"\0")
     key.update(busybox.read_bytes())
+    key.update(agent.read_bytes())
     for script in sorted(GUESTFS.iterdir()):
         key.update(script.name.encode() + script.read_bytes())
     for name, src in extra_files:
@@ -180,12 +183,12 @@ def build_initramfs(
     digest = key.hexdigest()
     path = cache_dir() / "initramfs" / f"{digest[:24]}.cpio"
     if not path.exists():
-        atomic_write(path, _render(busybox, kernel, order, extra_files))
+        atomic_write(path, _render(busybox, agent, kernel, order, extra_files))
     return Initramfs(path=path, sha256=digest, modules=tuple(order), missing_modules=tuple(missing))
 
 
 def _render(
-    busybox: Path, kernel: Kernel, order: list[str], extra_files: tuple[tuple[str, Path], ...]
+    busybox: Path, agent: Path, kernel: Kernel, order: list[str], extra_files: tuple[tuple[str, Path], ...]
 ) -> bytes:
     buf = io.BytesIO()
     cpio = CpioWriter(buf)
@@ -200,7 +203,7 @@ def _render(
         if target != "bin/busybox" and target.split("/")[0] in ("bin", "sbin", "usr"):
             cpio.symlink(target, "/bin/busybox")
     cpio.file("init", (GUESTFS / "init").read_bytes(), 0o755)
-    cpio.file("bin/harness-agent", (GUESTFS / "harness-agent").read_bytes(), 0o755)
+    cpio.file("bin/harness-agent", agent.read_bytes(), 0o755)
     cpio.file("etc/profile", (GUESTFS / "profile").read_bytes())
     cpio.file("etc/fstab", (GUESTFS / "fstab").read_bytes())
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")

@@ -27,18 +27,26 @@ def build_tools(sources: Path = TOOLS_DIR) -> tuple[tuple[str, Path], ...]:
     if not files:
         return ()
     cc, version = _compiler()
-    out = []
-    for src in files:
-        key = hashlib.sha256(version.encode() + src.read_bytes()).hexdigest()[:20]
-        binary = cache_dir() / "tools" / key / src.stem
-        if not binary.exists():
-            binary.parent.mkdir(parents=True, exist_ok=True)
-            tmp = binary.with_suffix(".tmp")
-            proc = process.run([cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(src), "-lpthread"], timeout=300)
-            if not proc.ok:
-                detail = " | ".join(proc.err.strip().splitlines()[-3:])
-                hint = " (static libc: install libc6-dev)" if "cannot find -lc" in proc.err else ""
-                raise InfraError(f"guest tool {src.name} does not compile{hint}: {detail}")
-            tmp.replace(binary)
-        out.append((f"/usr/bin/{src.stem}", binary))
-    return tuple(out)
+    return tuple((f"/usr/bin/{src.stem}", _static_binary(src, cc, version, "guest tool")) for src in files)
+
+
+def guest_program(src: Path) -> Path:
+    """A program of the initramfs itself (the command agent) as a static binary. Raises InfraError."""
+    cc, version = _compiler()
+    return _static_binary(src, cc, version, "guest program")
+
+
+def _static_binary(src: Path, cc: str, version: str, what: str) -> Path:
+    """`src` compiled static, cached by the compiler's version and the source."""
+    key = hashlib.sha256(version.encode() + src.read_bytes()).hexdigest()[:20]
+    binary = cache_dir() / "tools" / key / src.stem
+    if not binary.exists():
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        tmp = binary.with_suffix(".tmp")
+        proc = process.run([cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(src), "-lpthread"], timeout=300)
+        if not proc.ok:
+            detail = " | ".join(proc.err.strip().splitlines()[-3:])
+            hint = " (static libc: install libc6-dev)" if "cannot find -lc" in proc.err else ""
+            raise InfraError(f"{what} {src.name} does not compile{hint}: {detail}")
+        tmp.replace(binary)
+    return binary

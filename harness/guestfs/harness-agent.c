@@ -1,0 +1,277 @@
+/*
+ * Guest side of the harness's command channel: the program /init keeps running
+ * on its serial port (harness.guest.AgentSession is the host side).
+ *
+ * Protocol, one request per line:
+ *   host:  <token> <timeout-seconds> <base64 of a shell script>
+ *   guest: @@B<token>\n <stdout> \n@@M<token>\n <stderr> \n@@E<token> <rc>\n
+ * and, once, at start: @@READY <kernel release>\n
+ *
+ * Each command is `sh SCRIPT` in a process group of its own, stdin /dev/null,
+ * stdout straight to the port, stderr to a file sent after it. Past its timeout
+ * the whole group is killed (rc 137, as `timeout -s KILL` gave); rc is the
+ * shell's exit status, or 128 + the signal that ended it.
+ *
+ * A program, not a shell script: under TCG every fork+exec costs 10-40 ms, and
+ * the script needed four per command (base64, timeout, sh, cat) and one more,
+ * stty, at start. This one needs one per command (sh), and none at start.
+ * Static, built on the host by harness.tools, so any kernel's initramfs can
+ * carry it.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define SCRIPT "/tmp/.harness-cmd"
+#define ERRORS "/tmp/.harness-err"
+
+static int port;
+static volatile sig_atomic_t expired;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	expired = 1;
+}
+
+/* All of buf to the port; a port that is gone ends the agent (init starts another). */
+static void put(const char *buf, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(port, buf, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			exit(1);
+		buf += n;
+		len -= (size_t)n;
+	}
+}
+
+static void puts_port(const char *s)
+{
+	put(s, strlen(s));
+}
+
+/* One line from the port, without its newline, in a buffer that grows; NULL at EOF. */
+static char *get_line(void)
+{
+	static char *buf;
+	static size_t cap, have, start;
+	if (start > 0) {
+		memmove(buf, buf + start, have - start);
+		have -= start;
+		start = 0;
+	}
+	for (;;) {
+		char *nl = memchr(buf, '\n', have);
+		if (nl != NULL) {
+			*nl = '\0';
+			start = (size_t)(nl - buf) + 1;
+			return buf;
+		}
+		if (have == cap) {
+			cap = cap ? cap * 2 : 65536;
+			buf = realloc(buf, cap);
+			if (buf == NULL)
+				exit(1);
+		}
+		ssize_t n = read(port, buf + have, cap - have);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return NULL;
+		have += (size_t)n;
+	}
+}
+
+static int b64_value(unsigned char c)
+{
+	if (c >= 'A' && c <= 'Z')
+		return c - 'A';
+	if (c >= 'a' && c <= 'z')
+		return c - 'a' + 26;
+	if (c >= '0' && c <= '9')
+		return c - '0' + 52;
+	if (c == '+')
+		return 62;
+	if (c == '/')
+		return 63;
+	return -1;
+}
+
+/* Decodes base64 text in place; returns the length of the bytes. */
+static size_t b64_decode(char *text)
+{
+	size_t out = 0;
+	unsigned int acc = 0;
+	int bits = 0;
+	for (const char *p = text; *p != '\0' && *p != '='; p++) {
+		int v = b64_value((unsigned char)*p);
+		if (v < 0)
+			continue;
+		acc = (acc << 6) | (unsigned int)v;
+		bits += 6;
+		if (bits >= 8) {
+			bits -= 8;
+			text[out++] = (char)((acc >> bits) & 0xff);
+		}
+	}
+	return out;
+}
+
+static int write_file(const char *path, const char *data, size_t len)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -1;
+	while (len > 0) {
+		ssize_t n = write(fd, data, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			close(fd);
+			return -1;
+		}
+		data += n;
+		len -= (size_t)n;
+	}
+	return close(fd);
+}
+
+static int run(unsigned int timeout)
+{
+	int err = open(ERRORS, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	pid_t pid = fork();
+	if (pid == 0) {
+		int null = open("/dev/null", O_RDONLY);
+		setpgid(0, 0);
+		signal(SIGPIPE, SIG_DFL); /* an ignored signal would stay ignored in the command */
+		if (null > 0) {
+			dup2(null, 0);
+			close(null);
+		}
+		dup2(port, 1);
+		if (err >= 0)
+			dup2(err, 2);
+		execl("/bin/sh", "sh", SCRIPT, (char *)NULL);
+		_exit(127);
+	}
+	if (err >= 0)
+		close(err);
+	if (pid < 0)
+		return 126;
+	setpgid(pid, pid); /* also here: the group exists before any kill below */
+	expired = 0;
+	alarm(timeout > 0 ? timeout : 1);
+	int status = 0;
+	for (;;) {
+		pid_t got = waitpid(pid, &status, 0);
+		if (got == pid)
+			break;
+		if (got < 0 && errno != EINTR)
+			break;
+		if (expired) {
+			kill(-pid, SIGKILL);
+			expired = 0;
+		}
+	}
+	alarm(0);
+	if (WIFSIGNALED(status))
+		return 128 + WTERMSIG(status);
+	return WEXITSTATUS(status);
+}
+
+static void send_errors(void)
+{
+	char buf[65536];
+	int fd = open(ERRORS, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	for (;;) {
+		ssize_t n = read(fd, buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		put(buf, (size_t)n);
+	}
+	close(fd);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 2) {
+		fprintf(stderr, "usage: harness-agent /dev/ttySn\n");
+		return 2;
+	}
+	/* Not the agent's controlling terminal: a command that opens /dev/tty or sets
+	 * the line's modes cannot write into the protocol or be stopped by job control. */
+	port = open(argv[1], O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (port < 0) {
+		perror(argv[1]);
+		return 1;
+	}
+	/* Raw: no byte of the output translated, no echo, no signals from the line. */
+	struct termios tio;
+	if (tcgetattr(port, &tio) == 0) {
+		cfmakeraw(&tio);
+		tio.c_cc[VMIN] = 1;
+		tio.c_cc[VTIME] = 0;
+		tcsetattr(port, TCSANOW, &tio);
+	}
+	if (chdir("/") != 0)
+		return 1;
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_alarm; /* no SA_RESTART: waitpid returns EINTR */
+	sigaction(SIGALRM, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	char release[256] = "unknown";
+	int fd = open("/proc/sys/kernel/osrelease", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		ssize_t n = read(fd, release, sizeof(release) - 1);
+		release[n > 0 ? n : 0] = '\0';
+		release[strcspn(release, "\n")] = '\0';
+		close(fd);
+	}
+	char line[512];
+	snprintf(line, sizeof(line), "@@READY %s\n", release);
+	puts_port(line);
+
+	char *request;
+	while ((request = get_line()) != NULL) {
+		char *save = NULL;
+		char *token = strtok_r(request, " ", &save);
+		char *timeout = strtok_r(NULL, " ", &save);
+		char *payload = strtok_r(NULL, " ", &save);
+		if (token == NULL || timeout == NULL)
+			continue;
+		size_t len = payload != NULL ? b64_decode(payload) : 0;
+		int saved = write_file(SCRIPT, payload != NULL ? payload : "", len);
+		int rc = 126;
+		snprintf(line, sizeof(line), "@@B%s\n", token);
+		puts_port(line);
+		if (saved == 0)
+			rc = run((unsigned int)strtoul(timeout, NULL, 10));
+		snprintf(line, sizeof(line), "\n@@M%s\n", token);
+		puts_port(line);
+		if (saved == 0)
+			send_errors();
+		else
+			puts_port("harness-agent: cannot write " SCRIPT " (/tmp full?)");
+		snprintf(line, sizeof(line), "\n@@E%s %d\n", token, rc);
+		puts_port(line);
+	}
+	return 0;
+}
