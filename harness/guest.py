@@ -11,13 +11,14 @@ output is never mistaken for a marker and never mixed with printk.
 from __future__ import annotations
 
 import base64
+import gzip
 import math
 import re
 import secrets
 import shlex
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -85,6 +86,21 @@ class GuestChannel:
     def get(self, remote: str) -> bytes:
         """Read a file from the guest."""
         return base64.b64decode(self.check(f"base64 {shlex.quote(remote)}"))
+
+    def kernel_log(self, timeout: float | None = None, check: bool = False) -> CommandResult:
+        """`dmesg`, compressed in the guest for the trip: the serial port moves a 21 KB log in
+        70-80 ms under TCG, gzip -1 and base64 bring that to about 50 ms. The result's stdout
+        is the log's text. Where dmesg fails, or the guest lacks gzip or base64, it is plain
+        `dmesg`'s result (its error included). check=True raises CommandFailed as `run`."""
+        packed = self.run('log=$(dmesg) && printf "%s\\n" "$log" | gzip -1 | base64', timeout)
+        try:
+            # No gzip in the guest: base64 of nothing, not a gzip stream (never empty).
+            raw = base64.b64decode(packed.stdout) if packed.ok else b""
+            if raw:
+                return replace(packed, command="dmesg", stdout=gzip.decompress(raw).decode("utf-8", "replace"))
+        except (ValueError, OSError, EOFError):
+            pass
+        return self.run("dmesg", timeout, check=check)
 
     def close(self) -> None:
         pass

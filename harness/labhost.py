@@ -141,7 +141,7 @@ class LabHost:
         return table
 
     def dmesg(self) -> str:
-        return self.agent.run("dmesg", timeout=30).stdout
+        return self.agent.kernel_log(timeout=30).stdout
 
     def close(self) -> None:
         self.machine.shutdown()

@@ -44,8 +44,12 @@ def pytest_child(tests: Path, pytest_args: list[str], run_dir: list[str], sock_p
     """The pytest child of a run; `run_dir` its --harness-run-dir (or --harness-plan-fd) arguments."""
     # Node ids under the test directory (a reproduced single test) replace the directory.
     targets = [] if any(a.startswith(str(tests) + os.sep) for a in pytest_args) else [str(tests)]
+    # pytest's unraisableexception plugin runs the garbage collector over and over
+    # when the session ends, to find exceptions raised in __del__: 20-45 ms of
+    # every run, for warnings no guest test needs (Python still prints them).
     cmd = [sys.executable, "-m", "harness.pytest_main", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-           *run_dir, "-q", "--tb=short", "--no-header", "--rootdir", str(tests), *targets, *pytest_args]
+           "-p", "no:unraisableexception", *run_dir, "-q", "--tb=short", "--no-header", "--rootdir", str(tests),
+           *targets, *pytest_args]
     # The child's TMPDIR is the run's private directory, removed at the end,
     # so nothing pytest or xdist create there outlives the run. Its bytecode
     # (the harness's modules, and the guest tests as pytest rewrote their

@@ -271,7 +271,7 @@ def machine(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Machi
     finally:
         try:
             if m.guest is not None and not m.guest.closed:
-                dmesg = m.guest.run("dmesg", timeout=20)
+                dmesg = m.guest.kernel_log(timeout=20)
                 (run_info.run_dir / f"dmesg{suffix}.txt").write_text(dmesg.stdout)
         except HarnessError as e:
             record.dmesg_error = str(e)
@@ -306,7 +306,7 @@ def guest(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[GuestCh
         yield session
     finally:
         try:
-            (run_info.run_dir / "dmesg.txt").write_text(session.run("dmesg", timeout=20).stdout)
+            (run_info.run_dir / "dmesg.txt").write_text(session.kernel_log(timeout=20).stdout)
         except HarnessError:
             pass
         session.close()
@@ -367,7 +367,7 @@ def hotplug_cycles(request: pytest.FixtureRequest) -> int:
 @pytest.fixture
 def dmesg_lines(guest: GuestChannel) -> list[str]:
     """The guest's kernel log as it stands now."""
-    return guest.check("dmesg", timeout=20).splitlines()
+    return guest.kernel_log(timeout=20, check=True).stdout.splitlines()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -18,6 +18,7 @@ from junitparser import JUnitXml
 from harness.console import BootScanner, Console, split_lines
 from harness.cpio import CpioWriter
 from harness.errors import BadInput, BootFailure, GuestUnreachable, QemuStartError
+from harness.guest import CommandFailed, CommandResult, GuestChannel
 from harness.initramfs import resolve_modules
 from harness.kernel import bzimage_release
 from harness.machine import boot_error, boot_timeout
@@ -337,3 +338,48 @@ def test_guest_deadlines_stretch_as_the_run_stretched_its_boot_deadline(tmp_path
 ])
 def test_early_boot_only_where_pytest_runs_the_tests_itself(argv: list[str], addopts: str, single: bool) -> None:
     assert single_process(argv, addopts) is single
+
+
+class _HostShell(GuestChannel):
+    """A channel whose commands run in this host's /bin/sh with only `bin` on PATH: for the
+    channel's helpers, not for a kernel."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.env = {"PATH": str(bin_dir)}
+
+    def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
+        proc = subprocess.run(["/bin/sh", "-c", command], env=self.env, capture_output=True, timeout=30)
+        result = CommandResult(command, proc.returncode, proc.stdout.decode(errors="replace"),
+                               proc.stderr.decode(errors="replace"), 0.0)
+        if check and result.exit_code:
+            raise CommandFailed(result)
+        return result
+
+
+def test_kernel_log_is_dmesg_compressed_for_the_trip_or_plain_dmesg(tmp_path: Path) -> None:
+    import shutil
+
+    log = "".join(f"[{i:5d}.000000] line {i}: caf\u00e9 \u00fcber\n" for i in range(3000))
+    (tmp_path / "log").write_text(log)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dmesg").write_text(f"#!/bin/sh\nexec cat {tmp_path / 'log'}\n")
+    (bin_dir / "dmesg").chmod(0o755)
+    (bin_dir / "cat").symlink_to(shutil.which("cat") or "/bin/cat")
+    (bin_dir / "base64").symlink_to(shutil.which("base64") or "/usr/bin/base64")
+    shell = _HostShell(bin_dir)
+    # No gzip here: plain dmesg.
+    plain = shell.kernel_log()
+    assert plain.ok and plain.stdout == log and plain.command == "dmesg"
+    (bin_dir / "gzip").symlink_to(shutil.which("gzip") or "/bin/gzip")
+    packed = shell.kernel_log()
+    assert packed.ok and packed.stdout == log and packed.command == "dmesg"
+    assert "gzip" in shell.run('log=$(dmesg) && printf "%s\\n" "$log" | gzip -1 | base64 | head -c 0; '
+                               'command -v gzip').stdout
+    # A dmesg that fails is plain dmesg's failure, never an empty log that passes.
+    (bin_dir / "dmesg").write_text("#!/bin/sh\necho 'dmesg: read kernel buffer failed: Operation not permitted' >&2\n"
+                                   "exit 1\n")
+    failed = shell.kernel_log()
+    assert failed.exit_code == 1 and "not permitted" in failed.stderr and failed.stdout == ""
+    with pytest.raises(CommandFailed, match="not permitted"):
+        shell.kernel_log(check=True)
