@@ -143,8 +143,9 @@ class EarlyBoot:
             return os.fsdecode(pipe.readline().strip()) if ready else ""
 
     def result(self) -> tuple[str, EarlyVm | None]:
-        """The run directory ("" if the runner closed the pipe first) and the VM, once there."""
-        self._ready.wait()
+        """The run directory ("" if the runner closed the pipe first) and the VM, once there.
+        The thread's own wait for the plan is bounded; a VM's start has no wait in it."""
+        self._ready.wait(PLAN_WAIT + 60)
         return self._run_dir or "", self.vm
 
     def release(self) -> None:
