@@ -74,7 +74,7 @@ def new_machine(run_dir: Path, plan: LaunchPlan, worker: str) -> tuple[Machine, 
     """The VM of the pytest process `worker` (not started yet) and its record, written."""
     from harness.events import EVENTS, EventLog
     from harness.machine import Machine
-    from harness.rundir import MachineRecord, write_machine
+    from harness.rundir import MachineRecord
 
     suffix = "" if worker in ("main", "gw0") else f"-{worker}"
     sock_parent = os.environ.get("HARNESS_SOCK_DIR")
@@ -83,11 +83,19 @@ def new_machine(run_dir: Path, plan: LaunchPlan, worker: str) -> tuple[Machine, 
     m = Machine(plan, run_dir, name=name, sock_parent=Path(sock_parent) if sock_parent else None,
                 console_log=f"console{suffix}.log", events=events)
     record = MachineRecord(name=name, worker=worker, console=m.console_path.name)
-    try:
-        write_machine(run_dir, record)
-    except OSError:
-        pass  # a full or read-only results disk: the Recorder stops the run and the runner says why
+    write_machine(run_dir, record)
     return m, record, events
+
+
+def write_machine(run_dir: Path, record: MachineRecord) -> None:
+    """The VM's record; on a full or read-only results disk the run itself says so
+    (the Recorder stops the tests, the runner finishes meta.json), so not here."""
+    from harness.rundir import write_machine as write
+
+    try:
+        write(run_dir, record)
+    except OSError:
+        pass
 
 
 @dataclass

@@ -40,12 +40,11 @@ from harness.guest import GuestChannel
 from harness.machine import Machine
 from harness.plan import LaunchPlan
 from harness.process import raise_on_sigterm
-from harness.pytest_boot import PLAN_WAIT, EarlyVm, new_machine
+from harness.pytest_boot import PLAN_WAIT, EarlyVm, new_machine, write_machine
 from harness.pytest_record import Recorder, TestStamper
 from harness.qmp import QmpChannel
 from harness.results import TestRecord
-from harness.rundir import MachineRecord, MachineStatus
-from harness.rundir import write_machine as _write_machine
+from harness.rundir import MachineStatus
 
 
 @dataclass(frozen=True)
@@ -113,15 +112,6 @@ class RunInfo:
         if self.plan is not None and self.coco != self.requested_coco:
             pytest.skip(f"{what}: emulated run - profile {self.plan.requested} fell back to "
                         f"{self.plan.profile.name} ({'; '.join(self.plan.reasons)})")
-
-
-def write_machine(run_dir: Path, record: MachineRecord) -> None:
-    """The VM's record; on a full or read-only results disk the run itself says so
-    (the Recorder stops the tests, the runner finishes meta.json), so not here."""
-    try:
-        _write_machine(run_dir, record)
-    except OSError:
-        pass
 
 
 # This pytest process's VM, for the report hook to ask whether it was killed from outside.
@@ -226,10 +216,7 @@ def run_info(request: pytest.FixtureRequest) -> RunInfo:
     run_dir = request.config.getoption("harness_run_dir")
     if not run_dir:
         pytest.fail("guest tests need a VM: run them with `harness run`", pytrace=False)
-    return read_run_info(Path(run_dir))
-
-
-def read_run_info(path: Path) -> RunInfo:
+    path = Path(run_dir)
     if (path / "target.json").exists():
         return RunInfo(path, None, _worker(), json.loads((path / "target.json").read_text()))
     plan = LaunchPlan.from_json(json.loads((path / "plan.json").read_text()))
