@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import kernel
 from harness.errors import BadInput
 from harness.kernel import Kernel, _concrete_package, bzimage_release, resolve_kernel
 from tests.conftest import Cli
@@ -56,3 +57,28 @@ def test_a_bookworm_backports_612_kernel_resolves_by_its_own_name() -> None:
     kernel = resolve_kernel(f"debian:{package}")
     assert kernel.package == package and kernel.release.startswith("6.12.")
     assert kernel.modules_dir is not None and (kernel.modules_dir / "modules.dep").is_file()
+
+
+def test_a_meta_package_is_resolved_by_apt_once_per_apt_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`apt-cache depends` (0.6-0.9 s) runs again only when apt's lists, sources or pins change."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "bookworm_Packages").write_text("one\n")
+    monkeypatch.setattr(kernel, "APT_STATE", (lists, tmp_path / "sources.list"))
+    asked: list[list[str]] = []
+
+    def apt(args: list[str], what: str, cwd: str | None = None) -> str:
+        asked.append(args)
+        return f"linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-{len(asked)}-cloud-amd64\n"
+
+    monkeypatch.setattr(kernel, "_apt", apt)
+    assert _concrete_package("linux-image-cloud-amd64") == "linux-image-6.1.0-1-cloud-amd64"
+    assert _concrete_package("linux-image-cloud-amd64") == "linux-image-6.1.0-1-cloud-amd64"
+    assert len(asked) == 1
+    (lists / "bookworm_Packages").write_text("one, then two\n")  # `apt-get update`
+    assert _concrete_package("linux-image-cloud-amd64") == "linux-image-6.1.0-2-cloud-amd64"
+    (tmp_path / "sources.list").write_text("deb ...\n")  # a new source
+    assert _concrete_package("linux-image-cloud-amd64") == "linux-image-6.1.0-3-cloud-amd64"
+    assert _concrete_package("linux-image-cloud-amd64") == "linux-image-6.1.0-3-cloud-amd64"
+    assert len(asked) == 3
