@@ -18,6 +18,7 @@ import secrets
 import shlex
 import socket
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -64,6 +65,7 @@ class GuestChannel:
 
     default_timeout: float = 60.0
     closed: bool = False
+    _klog: list[str] | None = None  # the kernel log's lines read so far (kernel_lines)
 
     def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
         raise NotImplementedError
@@ -87,7 +89,31 @@ class GuestChannel:
         """Read a file from the guest."""
         return base64.b64decode(self.check(f"base64 {shlex.quote(remote)}"))
 
+    def kernel_lines(self, timeout: float | None = None, check: bool = False) -> list[str]:
+        """The kernel log as it stands now, as `dmesg` prints it, a line each. Read a part at a
+        time: a call fetches only the lines after those the channel already has (a log that
+        shrank, cleared by `dmesg -c`, is read whole again). A dmesg that fails gives no new lines,
+        or with check=True raises CommandFailed."""
+        if self._klog is None:
+            self._klog = []
+        known = self._klog
+        total, new = self._kernel_log_since(len(known), timeout, check)
+        if total < len(known):
+            total, new = self._kernel_log_since(0, timeout, check)
+            known.clear()
+        known.extend(new)
+        return list(known)
+
+    def _kernel_log_since(self, first: int, timeout: float | None, check: bool) -> tuple[int, list[str]]:
+        """The number of lines in the kernel log and its lines after the first `first`."""
+        lines = log_lines(self._shell_kernel_log(timeout, check).stdout)
+        return len(lines), lines[first:]
+
     def kernel_log(self, timeout: float | None = None, check: bool = False) -> CommandResult:
+        """`dmesg` (see `_shell_kernel_log`)."""
+        return self._shell_kernel_log(timeout, check)
+
+    def _shell_kernel_log(self, timeout: float | None = None, check: bool = False) -> CommandResult:
         """`dmesg`, compressed in the guest for the trip: the serial port moves a 21 KB log in
         70-80 ms under TCG, gzip -1 and base64 bring that to about 50 ms. The result's stdout
         is the log's text. Where dmesg fails, or the guest lacks gzip or base64, it is plain
@@ -189,12 +215,15 @@ class AgentSession(GuestChannel):
         broken and GuestUnresponsive is raised (now and for every later call).
         With check=True a non-zero exit raises CommandFailed.
         """
+        return self._request(base64.b64encode(command.encode()).decode(), command, timeout, check)
+
+    def _request(self, payload: str, command: str, timeout: float | None, check: bool) -> CommandResult:
+        """One request: `payload` a script's base64 or one of the agent's own commands (`!...`)."""
         if self._broken:
             raise GuestUnresponsive(self._broken)
         limit = self.default_timeout if timeout is None else timeout
         self._seq += 1
         token = f"{self._prefix}{self._seq}".encode()
-        payload = base64.b64encode(command.encode()).decode()
         start = time.monotonic()
         try:
             self._child.send(f"{token.decode()} {max(1, math.ceil(limit))} {payload}\n".encode())
@@ -223,6 +252,32 @@ class AgentSession(GuestChannel):
             raise CommandFailed(result)
         return result
 
+    def _agent_klog(self, first: int, timeout: float | None) -> tuple[int, str] | None:
+        """The agent's own read of the kernel log (`!klog`, harness-agent.c: no program started
+        in the guest, the text compressed for the trip): the number of its lines and the text
+        after the first `first`; None if the agent could not."""
+        result = self._request(f"!klog {first}", "dmesg (the agent's !klog)", timeout, False)
+        head, _, packed = result.stdout.partition("\n")
+        if result.ok and head.isdigit():
+            try:
+                return int(head), zlib.decompress(base64.b64decode(packed)).decode("utf-8", "replace")
+            except (ValueError, zlib.error):
+                pass
+        return None
+
+    def _kernel_log_since(self, first: int, timeout: float | None, check: bool) -> tuple[int, list[str]]:
+        read = self._agent_klog(first, timeout)
+        if read is None:
+            return super()._kernel_log_since(first, timeout, check)
+        return read[0], log_lines(read[1])
+
+    def kernel_log(self, timeout: float | None = None, check: bool = False) -> CommandResult:
+        start = time.monotonic()
+        read = self._agent_klog(0, timeout)
+        if read is None:
+            return self._shell_kernel_log(timeout, check)
+        return CommandResult("dmesg", 0, read[1], "", time.monotonic() - start)
+
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -250,6 +305,13 @@ class ChannelFactory:
     def open(self, agent: AgentSession, connect_timeout: float, default_timeout: float) -> GuestChannel:
         """The channel tests use, once the agent has answered. Raises InfraError."""
         return agent
+
+
+def log_lines(text: str) -> list[str]:
+    """A kernel log's lines, split at newlines only (as `wc -l` and `tail` count them; a form
+    feed or a carriage return in a message does not end its line)."""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def short(command: str, limit: int = 80) -> str:

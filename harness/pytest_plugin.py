@@ -258,8 +258,8 @@ def machine(request: pytest.FixtureRequest, run_info: RunInfo) -> Iterator[Machi
     finally:
         try:
             if m.guest is not None and not m.guest.closed:
-                dmesg = m.guest.kernel_log(timeout=20)
-                (run_info.run_dir / f"dmesg{suffix}.txt").write_text(dmesg.stdout)
+                lines = m.guest.kernel_lines(timeout=20)
+                (run_info.run_dir / f"dmesg{suffix}.txt").write_text("".join(line + "\n" for line in lines))
         except HarnessError as e:
             record.dmesg_error = str(e)
         except OSError as e:  # a full or read-only results disk: the run says so at its end
@@ -316,12 +316,12 @@ def _dmesg_window(request: pytest.FixtureRequest, run_info: RunInfo,
                   dmesg_allowlist: tuple[Allow, ...]) -> Iterator[None]:
     guest: GuestChannel = request.getfixturevalue("guest")
     qmp = request.getfixturevalue("qmp") if run_info.plan is not None else None
-    start = int(guest.check("dmesg | wc -l", timeout=20).strip() or 0)
+    start = len(guest.kernel_lines(timeout=20))
     events_start = len(qmp.events()) if qmp is not None else 0
     yield
     if guest.closed:
         return
-    lines = guest.check(f"dmesg | tail -n +{start + 1}", timeout=20).splitlines()
+    lines = guest.kernel_lines(timeout=20)[start:]
     allow = dmesg_allowlist + tuple(
         Allow(re.compile(m.kwargs.get("pattern", m.args[1] if len(m.args) > 1 else ".")),
               m.args[0] if m.args else None, m.kwargs.get("reason", ""))
@@ -354,7 +354,7 @@ def hotplug_cycles(request: pytest.FixtureRequest) -> int:
 @pytest.fixture
 def dmesg_lines(guest: GuestChannel) -> list[str]:
     """The guest's kernel log as it stands now."""
-    return guest.kernel_log(timeout=20, check=True).stdout.splitlines()
+    return guest.kernel_lines(timeout=20, check=True)
 
 
 @pytest.hookimpl(wrapper=True)

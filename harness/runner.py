@@ -136,8 +136,9 @@ def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan,
         raise BadInput(f"kernel {kernel.spec}: {diagnostics.problems()[0]} (--strict)")
     accel, why = choose_accel(profile, caps)
     # The initramfs carries the modules of both, so a forced or reproduced run
-    # of the requested profile finds what it needs.
-    modules = tuple(dict.fromkeys([*profile.modules, *choice.requested.modules]))
+    # of the requested profile finds what it needs; and the SSH channel's NIC driver.
+    modules = tuple(dict.fromkeys([*profile.modules, *choice.requested.modules,
+                                   *(("virtio_net",) if req.channel == "ssh" else ())]))
     initrd = build_initramfs(kernel, modules, extra_files=build_tools(), ssh=req.channel == "ssh")
     plan = LaunchPlan(
         requested=req.profile, profile=profile, reasons=choice.reasons, requested_profile=choice.requested,

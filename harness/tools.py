@@ -33,20 +33,23 @@ def build_tools(sources: Path = TOOLS_DIR) -> tuple[tuple[str, Path], ...]:
 def guest_program(src: Path) -> Path:
     """A program of the initramfs itself (the command agent) as a static binary. Raises InfraError."""
     cc, version = _compiler()
-    return _static_binary(src, cc, version, "guest program")
+    # The agent compresses the kernel log with zlib (zlib1g-dev's static library).
+    return _static_binary(src, cc, version, "guest program", ("-lz",))
 
 
-def _static_binary(src: Path, cc: str, version: str, what: str) -> Path:
-    """`src` compiled static, cached by the compiler's version and the source."""
-    key = hashlib.sha256(version.encode() + src.read_bytes()).hexdigest()[:20]
+def _static_binary(src: Path, cc: str, version: str, what: str, libs: tuple[str, ...] = ("-lpthread",)) -> Path:
+    """`src` compiled static with `libs`, cached by the compiler's version, the libraries and the source."""
+    key = hashlib.sha256(version.encode() + " ".join(libs).encode() + src.read_bytes()).hexdigest()[:20]
     binary = cache_dir() / "tools" / key / src.stem
     if not binary.exists():
         binary.parent.mkdir(parents=True, exist_ok=True)
         tmp = binary.with_suffix(".tmp")
-        proc = process.run([cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(src), "-lpthread"], timeout=300)
+        proc = process.run([cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(src), *libs], timeout=300)
         if not proc.ok:
             detail = " | ".join(proc.err.strip().splitlines()[-3:])
-            hint = " (static libc: install libc6-dev)" if "cannot find -lc" in proc.err else ""
+            hint = (" (static libc: install libc6-dev)" if "cannot find -lc" in proc.err
+                    else " (static zlib: install zlib1g-dev)" if "cannot find -lz" in proc.err or "zlib.h" in proc.err
+                    else "")
             raise InfraError(f"{what} {src.name} does not compile{hint}: {detail}")
         tmp.replace(binary)
     return binary

@@ -383,3 +383,28 @@ def test_kernel_log_is_dmesg_compressed_for_the_trip_or_plain_dmesg(tmp_path: Pa
     assert failed.exit_code == 1 and "not permitted" in failed.stderr and failed.stdout == ""
     with pytest.raises(CommandFailed, match="not permitted"):
         shell.kernel_log(check=True)
+
+
+def test_kernel_lines_are_read_a_part_at_a_time_and_whole_again_when_the_log_shrank(tmp_path: Path) -> None:
+    import shutil
+
+    log = tmp_path / "log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dmesg").write_text(f"#!/bin/sh\nexec cat {log}\n")
+    (bin_dir / "dmesg").chmod(0o755)
+    for tool in ("cat", "gzip", "base64"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    shell = _HostShell(bin_dir)
+    # A form feed inside a message does not end its line (dmesg | wc -l counts newlines).
+    log.write_text("[    0.1] one\n[    0.2] two\fstill two\n")
+    assert shell.kernel_lines() == ["[    0.1] one", "[    0.2] two\fstill two"]
+    log.write_text(log.read_text() + "[    0.3] three\n")
+    lines = shell.kernel_lines()
+    assert lines[2:] == ["[    0.3] three"] and len(lines) == 3
+    lines.append("not the channel's")  # a copy
+    log.write_text("[    9.0] after dmesg -c\n")  # shorter than what was read: read whole again
+    assert shell.kernel_lines() == ["[    9.0] after dmesg -c"]
+    (bin_dir / "dmesg").write_text("#!/bin/sh\necho 'dmesg: Operation not permitted' >&2\nexit 1\n")
+    with pytest.raises(CommandFailed, match="not permitted"):
+        shell.kernel_lines(check=True)

@@ -11,6 +11,7 @@ import pytest
 from junitparser import JUnitXml
 
 from harness.dmesg import errors, scan
+from harness.guest import log_lines
 from harness.hotplug import HotplugFailure, plug
 from harness.kernel import PREBUILT_KERNEL
 from harness.machine import Machine
@@ -64,6 +65,26 @@ def test_hotplug_whose_device_never_appears(vm: Machine) -> None:
     with pytest.raises(HotplugFailure, match="did not show up in the guest within 3 s"):
         # edu is plugged for real; the guest is asked for an id it will never show.
         plug(vm.qmp, vm.guest, "edu,id=ghost,bus=hp1", "0x1234", "0xdead", timeout=3)
+
+
+def test_the_agent_reads_the_kernel_log_as_dmesg_does_and_loads_the_modules(vm: Machine) -> None:
+    """The agent's own `!klog` (the dmesg windows, the run's dmesg.txt) against busybox dmesg,
+    a part at a time, and its `--insmod` that /init loads the profile's modules with."""
+    g = vm.guest
+    assert g is not None
+    g.check("printf 'harness-klog: a form feed \\f inside\\n' > /dev/kmsg")
+    lines = g.kernel_lines()
+    shell = log_lines(g.check("dmesg"))
+    assert shell[:len(lines)] == lines and any("a form feed \f inside" in line for line in lines)
+    assert any(line.endswith("] virtio_blk virtio0: [vda] 131072 512-byte logical blocks (67.1 MB/64.0 MiB)")
+               for line in lines), "the profile's virtio_blk did not load"
+    g.check("echo nosuch.ko > /tmp/modules; harness-agent --insmod /tmp/modules")
+    new = g.kernel_lines()[len(lines):]
+    assert [line.split("] ", 1)[1] for line in new] == [
+        "harness-init: insmod nosuch.ko failed: No such file or directory"]
+    g.check("dmesg -c >/dev/null; echo harness-klog: after the clear > /dev/kmsg")
+    assert [line.split("] ", 1)[1] for line in g.kernel_lines()] == ["harness-klog: after the clear"]
+    assert g.kernel_log().stdout == g.check("dmesg")
 
 
 def test_swiotlb_exhaustion_fires_its_rule_on_a_real_guest() -> None:
