@@ -17,8 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from harness.errors import BadInput
 from harness.paths import parse_yaml
 
@@ -61,6 +59,8 @@ def _compile(text: str, where: str) -> re.Pattern[str]:
 
 def load_rules(path: Path = RULES_FILE) -> tuple[DmesgRule, ...]:
     """Rules from YAML. Raises BadInput naming the file, entry and key."""
+    import yaml  # here: the console reader's patterns need no YAML
+
     try:
         data = parse_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -83,6 +83,8 @@ def load_allowlist(path: Path) -> tuple[Allow, ...]:
     """Allowlist YAML: a list of {pattern, reason[, rule]}. A missing file allows nothing."""
     if not path.exists():
         return ()
+    import yaml
+
     try:
         data = parse_yaml(path.read_text()) or []
     except yaml.YAMLError as e:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import gzip
 import math
+import os
 import re
-import secrets
 import shlex
 import socket
 import time
@@ -22,9 +22,6 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-
-import pexpect
-import pexpect.fdpexpect
 
 from harness.errors import GuestUnresponsive
 
@@ -175,11 +172,13 @@ class AgentSession(GuestChannel):
 
     def __init__(self, sock: socket.socket, transcript: Path | None = None,
                  default_timeout: float = 60.0) -> None:
+        import pexpect.fdpexpect  # here: a machine starts QEMU before it needs it
+
         self._sock = sock
         self._log: Transcript | None = Transcript(transcript) if transcript else None
         self._child = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=default_timeout,
                                                 logfile=self._log)
-        self._prefix = secrets.token_hex(3)
+        self._prefix = os.urandom(3).hex()  # not secrets: its hmac import starts OpenSSL
         self._seq = 0
         self.default_timeout = default_timeout
         self.release: str | None = None
@@ -191,6 +190,8 @@ class AgentSession(GuestChannel):
 
         False on timeout, and also once the channel is closed (`closed` tells).
         """
+        import pexpect
+
         if self.release is not None:
             return True
         if self.closed:
@@ -219,6 +220,8 @@ class AgentSession(GuestChannel):
 
     def _request(self, payload: str, command: str, timeout: float | None, check: bool) -> CommandResult:
         """One request: `payload` a script's base64 or one of the agent's own commands (`!...`)."""
+        import pexpect
+
         if self._broken:
             raise GuestUnresponsive(self._broken)
         limit = self.default_timeout if timeout is None else timeout

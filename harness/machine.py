@@ -4,12 +4,16 @@ Lifecycle: `launch()` -> `wait_boot()` -> guest channel -> `shutdown()`, in
 named phases:
 
     launch    start:
-              _pre_launch   private directory, listening sockets, QMP server,
-                            scratch disks, channel set-up, argv
+              _pre_launch   private directory, listening sockets (console,
+                            command channel, QMP), scratch disks, channel
+                            set-up, argv
               _launch       QEMU in its own session, dying with its owner
               connect:
               _post_launch  accept QEMU's connections, console reader, serial
                             agent, QMP handshake (all within one deadline)
+
+`start` needs only the first half's modules; what the second half uses is
+imported then.
     shutdown  _soft_shutdown  QMP quit, then QEMU's own exit
               _hard_shutdown  SIGTERM, then SIGKILL to its process group
               _post_shutdown  always: channels, console reader, QMP, sockets,
@@ -31,27 +35,34 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from harness.console import Console
 from harness.errors import BootFailure, GuestUnreachable, HarnessError, InfraError, QemuStartError
 from harness.events import EventLog, Source
-from harness.guest import AgentSession, ChannelFactory, GuestChannel
-from harness.plan import LaunchPlan
+from harness.guest import ChannelFactory
 from harness.qemuproc import START_DEADLINE, QemuProcess, SocketDir
-from harness.qmp import QmpChannel
-from harness.ssh import channel_factory
+
+# What only the connected machine uses (the console reader, the agent's pexpect, QMP's
+# asyncio) is imported when it connects: starting QEMU needs none of it, and a run's
+# pytest child starts its QEMU before it has imported them (harness.pytest_boot).
+if TYPE_CHECKING:
+    from harness.console import Console
+    from harness.guest import AgentSession, GuestChannel
+    from harness.plan import LaunchPlan
+    from harness.qmp import QmpChannel
 
 _TAIL = 40
 
 
-def qmp_handshake(qmp: QmpChannel, qemu: QemuProcess, deadline: float) -> None:
-    """Accept QEMU's QMP connection and negotiate; QemuStartError if that fails by `deadline`."""
+def qmp_handshake(qmp: QmpChannel, sock: socket.socket, qemu: QemuProcess, deadline: float) -> None:
+    """Negotiate over QEMU's QMP connection; QemuStartError if that fails by `deadline`."""
     try:
-        qmp.accept(timeout=max(0.1, deadline - time.monotonic()))
+        qmp.open(sock, timeout=max(0.1, deadline - time.monotonic()))
     except Exception:  # noqa: BLE001 - qemu.qmp raises ConnectError, EOFError, timeouts...
         qemu.wait(1.0)
         raise qemu.start_error("QEMU did not complete the QMP handshake") from None
@@ -185,11 +196,12 @@ class Machine:
     def _pre_launch(self) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._sockets = sockets = SocketDir(self.name, self._sock_parent)
-        sockets.listen("console.sock", "channel.sock")
-        self.qmp = QmpChannel(self.name, self.events)
-        self.qmp.start_server(str(sockets.path / "qmp.sock"))
+        sockets.listen("console.sock", "channel.sock", "qmp.sock")
         sockets.scratch_disks(self.plan.profile.scratch_disks)
-        self.channels = channel_factory(self.plan.channel, sockets.path)
+        if self.plan.channel != "serial":
+            from harness.ssh import channel_factory
+
+            self.channels = channel_factory(self.plan.channel, sockets.path)
         plan = self.channels.prepare(self.plan)
         self.argv = plan.argv(sockets.path, self.name, self.channels.ssh_port)
         (self.logdir / "qemu-argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
@@ -201,7 +213,11 @@ class Machine:
                                    f"accel {self.plan.accel})", {"pid": self.qemu.popen.pid})
 
     def _post_launch(self) -> None:
-        assert self._sockets is not None and self.qemu is not None and self.qmp is not None
+        from harness.console import Console
+        from harness.guest import AgentSession
+        from harness.qmp import QmpChannel
+
+        assert self._sockets is not None and self.qemu is not None
         assert self.launched_at is not None
         deadline = self.launched_at + START_DEADLINE
         console = self._sockets.accept("console.sock", "console", deadline, self.qemu)
@@ -210,7 +226,9 @@ class Machine:
         channel = self._sockets.accept("channel.sock", "command channel", deadline, self.qemu)
         self.agent = AgentSession(channel, self.logdir / f"channel-{self.name}.log",
                                   default_timeout=self.plan.profile.timeouts.command)
-        qmp_handshake(self.qmp, self.qemu, deadline)
+        self.qmp = QmpChannel(self.name, self.events)
+        qmp_handshake(self.qmp, self._sockets.accept("qmp.sock", "QMP monitor", deadline, self.qemu), self.qemu,
+                      deadline)
         self.guest = self.agent
 
     def qemu_output(self) -> str:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.diagnostics import Diagnostics
 from harness.errors import BadInput, InfraError
 from harness.kernel import Kernel
-from harness.probe import HostCaps
 from harness.profiles import Profile, apply_params, load_profile
+
+if TYPE_CHECKING:
+    from harness.probe import HostCaps
 
 # Placeholder used where a per-VM private directory goes, for dry runs.
 SOCK_DIR_PLACEHOLDER = "<sockdir>"

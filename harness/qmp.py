@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -75,13 +76,10 @@ class QmpChannel:
             future.cancel()
             raise InfraError(f"QMP: no answer within {timeout:.0f} s") from None
 
-    def start_server(self, path: str) -> None:
-        """Listen on a unix socket for QEMU's `-chardev socket` (client) to connect."""
-        self._call(self._client.start_server(path), 10)
-
-    def accept(self, timeout: float) -> None:
-        """Wait for QEMU to connect and negotiate. Raises InfraError on timeout."""
-        self._call(self._client.accept(), timeout)
+    def open(self, sock: socket.socket, timeout: float) -> None:
+        """Negotiate over QEMU's connection (its `-chardev socket` client, accepted by the
+        machine). Raises InfraError on timeout."""
+        self._call(self._client.connect(sock), timeout)
         self._call(self._start_pump(), 5)
         self.negotiated = True
 

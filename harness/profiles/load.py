@@ -7,8 +7,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harness.errors import BadInput
 from harness.paths import PROFILES_DIR, parse_yaml
 from harness.profiles.model import COCO_KINDS, NEEDS, Profile, Timeouts, size_mib
@@ -33,6 +31,8 @@ def _read(name: str, directory: Path) -> tuple[Path, dict[str, Any]]:
     if not path.is_file():
         names = ", ".join(available(directory))
         raise BadInput(f"unknown profile {name!r}; available: {names}")
+    import yaml  # here: what only reads a plan needs no YAML
+
     try:
         data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
