@@ -132,8 +132,10 @@ class EarlyBoot:
         try:
             # What starting QEMU from a plan takes (harness.machine defers what only a
             # connected machine uses): these imports overlap the runner's planning.
+            import harness.events
             import harness.machine
-            import harness.plan  # noqa: F401
+            import harness.plan
+            import harness.rundir  # noqa: F401
         except Exception:  # noqa: BLE001 - the machine fixture imports it again and says what fails
             pass
         finally:

@@ -408,3 +408,39 @@ def test_kernel_lines_are_read_a_part_at_a_time_and_whole_again_when_the_log_shr
     (bin_dir / "dmesg").write_text("#!/bin/sh\necho 'dmesg: Operation not permitted' >&2\nexit 1\n")
     with pytest.raises(CommandFailed, match="not permitted"):
         shell.kernel_lines(check=True)
+
+
+def test_the_empty_junit_a_run_starts_with_is_what_junitparser_writes(tmp_path: Path) -> None:
+    from junitparser import JUnitXml, TestSuite
+
+    from harness.results import write_junit, write_junit_xml
+
+    for suite in ("20261121-230056-emulated-6.12.117+-fe4a", "a\"b<c>&d'e"):  # run ids, and XML's own
+        write_junit(tmp_path / "fast.xml", [], suite)
+        xml = JUnitXml()
+        xml.add_testsuite(TestSuite(suite))
+        write_junit_xml(tmp_path / "junitparser.xml", xml)
+        assert (tmp_path / "fast.xml").read_text() == (tmp_path / "junitparser.xml").read_text()
+        assert JUnitXml.fromfile(str(tmp_path / "fast.xml")).tests == 0
+
+
+def test_a_profile_is_parsed_once_per_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Profiles come from the cache's copy of what their text parsed to; an edit of the same
+    size within the same clock tick is still an edit, a malformed one still named."""
+    from harness import paths
+    from harness.errors import BadInput
+    from harness.profiles import load_profile
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    parsed: list[str] = []
+    real = paths.parse_yaml
+    monkeypatch.setattr("harness.profiles.load.parse_yaml", lambda text: parsed.append(text) or real(text))
+    (tmp_path / "p.yaml").write_text("machine: q35\nsmp: 2\n")
+    assert load_profile("p", tmp_path).smp == 2
+    assert load_profile("p", tmp_path).smp == 2
+    assert len(parsed) == 1
+    (tmp_path / "p.yaml").write_text("machine: q35\nsmp: 4\n")
+    assert load_profile("p", tmp_path).smp == 4 and len(parsed) == 2
+    (tmp_path / "p.yaml").write_text("machine: [q35\n")
+    with pytest.raises(BadInput, match=r"profile p \(.*p\.yaml line \d+\): malformed YAML"):
+        load_profile("p", tmp_path)

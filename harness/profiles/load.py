@@ -3,12 +3,13 @@ schema, `extends:` resolved (`+key:` appends to the parent's list), into a `Prof
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from harness.errors import BadInput
-from harness.paths import PROFILES_DIR, parse_yaml
+from harness.paths import PROFILES_DIR, atomic_write, cache_dir, parse_yaml
 from harness.profiles.model import COCO_KINDS, NEEDS, Profile, Timeouts, size_mib
 from harness.profiles.params import apply_params
 
@@ -31,14 +32,7 @@ def _read(name: str, directory: Path) -> tuple[Path, dict[str, Any]]:
     if not path.is_file():
         names = ", ".join(available(directory))
         raise BadInput(f"unknown profile {name!r}; available: {names}")
-    import yaml  # here: what only reads a plan needs no YAML
-
-    try:
-        data = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise BadInput(f"profile {name} ({path}{at}): malformed YAML: {getattr(e, 'problem', e)}") from None
+    data = _parse(name, path)
     if not isinstance(data, dict):
         raise BadInput(f"profile {name} ({path}): expected a mapping at the top level")
     for key, value in data.items():
@@ -52,6 +46,42 @@ def _read(name: str, directory: Path) -> tuple[Path, dict[str, Any]]:
         elif not isinstance(value, _SCALARS[key]) or isinstance(value, bool):
             raise BadInput(f"{where}: expected {_type_name(_SCALARS[key])}, got {type(value).__name__}")
     return path, data
+
+
+def _parse(name: str, path: Path) -> Any:
+    """A profile file's document. What a file's text parsed to is kept in the cache (as JSON,
+    with the text): parsing, most of it importing PyYAML and libyaml, took every run 30-40 ms
+    before its VM could start."""
+    text = path.read_text()
+    memo_file = cache_dir() / "profiles.json"
+    memo = _read_memo(memo_file)
+    kept = memo.get(str(path))
+    if isinstance(kept, dict) and kept.get("text") == text:
+        return kept.get("data")
+    import yaml  # here: a profile taken from the cache, or a plan read back, needs no YAML
+
+    try:
+        data = parse_yaml(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise BadInput(f"profile {name} ({path}{at}): malformed YAML: {getattr(e, 'problem', e)}") from None
+    try:
+        if json.loads(json.dumps(data)) == data:  # what JSON keeps as it is (no dates, no number keys)
+            memo = {k: v for k, v in memo.items() if Path(k).is_file()}  # no profiles of removed directories
+            memo[str(path)] = {"text": text, "data": data}
+            atomic_write(memo_file, json.dumps(memo))
+    except (OSError, TypeError, ValueError):
+        pass  # parsed again next time
+    return data
+
+
+def _read_memo(path: Path) -> dict[str, Any]:
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def _type_name(t: type | tuple[type, ...]) -> str:
