@@ -13,13 +13,15 @@ import json
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.compare import RunSummary, load_run
 from harness.errors import BadInput
 from harness.identity import BuildIdentity, names_by_key
 from harness.results import read_records
 from harness.rundir import read_run
+
+if TYPE_CHECKING:
+    from harness.compare import RunSummary
 
 INDEX = "index.sqlite"
 _COLUMNS = (("run_id", "TEXT PRIMARY KEY"), ("dir", "TEXT"), ("started", "TEXT"), ("kernel", "TEXT"),
@@ -133,6 +135,8 @@ def failing_since(rows: list[dict[str, Any]], test: str) -> str:
 def indexed_runs(rows: list[dict[str, Any]]) -> list[RunSummary]:
     """The runs of `rows` (newest first) read back from their directories, oldest first: the order
     `compare` takes its base from. A directory removed since is named on stderr and left out."""
+    from harness.compare import load_run  # here: a run adding itself to the index needs none of it
+
     runs = []
     for row in reversed(rows):
         try:
