@@ -281,13 +281,16 @@ class _KernelBuild:
                 f.write(f"\n### configure: {kept} (made by an earlier build of {source} in {self.out})\n")
         else:
             stamp.unlink(missing_ok=True)
-            status, lines = self._make(base, label=base)
+            # With -j: the first make in a new O= directory compiles kconfig's own programs
+            # (conf, its lexer and parser), which a serial make did one file at a time.
+            jobs = os.cpu_count() or 1
+            status, lines = self._make(base, label=base, jobs=jobs)
             if status != 0:
                 raise InfraError(f"make {base} failed: {' | '.join(lines[-3:])}")
             with open(self.out / ".config", "a") as f:
                 for frag in fragments:
                     f.write(f"\n# --- fragment {frag.path} ---\n{frag.text}\n")
-            status, lines = self._make("olddefconfig", label="olddefconfig")
+            status, lines = self._make("olddefconfig", label="olddefconfig", jobs=jobs)
             if status != 0:
                 raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
             shutil.copyfile(self.out / ".config", kept)
