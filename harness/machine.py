@@ -11,13 +11,13 @@ named phases:
               connect:
               _post_launch  accept QEMU's connections, console reader, serial
                             agent, QMP handshake (all within one deadline)
-
-`start` needs only the first half's modules; what the second half uses is
-imported then.
     shutdown  _soft_shutdown  QMP quit, then QEMU's own exit
               _hard_shutdown  SIGTERM, then SIGKILL to its process group
               _post_shutdown  always: channels, console reader, QMP, sockets,
                               the private directory
+
+`start` needs only the first half's modules; what the second half uses is
+imported then.
 
 Use it as a context manager: shutdown and cleanup always run. The parts each
 own one thing: `SocketDir` the directory, its listeners and scratch images, and
