@@ -126,6 +126,8 @@ def test_an_edited_patch_rebuilds_incrementally(tmp_path: Path) -> None:
         "drivers/misc/harness_demo.o", "kernel/dma/swiotlb.o"]
     # Nor is the configuration made again: the same source and options gave it last time.
     log = (edited.artifact / "build.log").read_text()
+    # ccache: off for the first compile in the O= directory (all misses), on for the later one.
+    assert "  CCACHE  disabled" in (first.artifact / "build.log").read_text() and "  CCACHE  on" in log
     assert "\n### tinyconfig: " in (first.artifact / "build.log").read_text()
     assert "\n### tinyconfig: " not in log and "\n### olddefconfig: " not in log and "\n### configure: " in log
     assert (edited.artifact / "config").read_text() == (first.artifact / "config").read_text()

@@ -259,9 +259,9 @@ class _KernelBuild:
         out.mkdir(exist_ok=True)
 
     def _make(self, *targets: str, label: str, jobs: int | None = None, timeout: float = 600,
-              quiet: bool = False, meter: Meter | None = None) -> tuple[int, list[str]]:
+              quiet: bool = False, meter: Meter | None = None, cache: bool = True) -> tuple[int, list[str]]:
         return run_make([*make_args(self.tree.path, self.out, jobs), *targets], self.log, label,
-                        (lambda _: None) if quiet else self.progress, timeout, meter)
+                        (lambda _: None) if quiet else self.progress, timeout, meter, cache)
 
     def _config(self) -> dict[str, str]:
         return read_config((self.out / ".config").read_text())
@@ -314,8 +314,9 @@ class _KernelBuild:
             return plan_for(self.tree.path, self.out, config, load_record(self.record), cold, started)
 
         meter = Meter(label, plan)
+        # ccache only where this directory has built before (see make.make_env).
         status, lines = self._make(*targets, label=label, jobs=os.cpu_count() or 1, timeout=COMPILE_DEADLINE,
-                                   meter=meter)
+                                   meter=meter, cache=not cold)
         if status != 0:
             errors = first_errors(lines)
             raise BuildFailed(f"kernel does not compile: {' | '.join(errors[:3])} (log {self.log})", tuple(errors))

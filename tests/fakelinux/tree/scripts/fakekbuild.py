@@ -174,6 +174,8 @@ class Tree:
         return found
 
     def objects(self) -> int:
+        # What the harness told ccache (CCACHE_DISABLE on a first compile), for the tests to see.
+        print(f"  CCACHE  {'disabled' if os.environ.get('CCACHE_DISABLE') else 'on'}")
         options = self.options()
         auto = self.obj / "include/config/auto.conf"
         text = "".join(f"CONFIG_{k}={v}\n" for k, v in sorted(options.items()))
@@ -225,6 +227,7 @@ class Tree:
         built = [rel_o for rel_o, kind in self.units() if kind == "y"]
         digest = hashlib.sha256(b"".join((self.obj / rel_o).read_bytes() for rel_o in built)).digest()
         print("  LD      vmlinux")
+        (self.obj / "vmlinux").write_bytes(digest)  # as kbuild leaves it in O= (a directory that has built)
         (self.obj / "System.map").write_text("".join(
             f"ffffffff{0x81000000 + 0x100 * i:08x} T {Path(rel_o).stem.replace('-', '_')}_init\n"
             for i, rel_o in enumerate(built)))
