@@ -71,9 +71,9 @@ def make_env(cache: bool = True) -> dict[str, str]:
 
     cache=False: ccache only runs the compiler (CCACHE_DISABLE), for the first compile
     in an O= directory. ccache could hit there only if this same directory had been
-    built and removed before (its path, the working directory, and its configuration
-    are in every file's hash); its misses cost about 5% more CPU here (0.7-7% in four
-    side-by-side runs), up to 11% more wall time.
+    built and removed before (there is one per source and options, and the options
+    are in every object's autoconf.h); its misses cost about 5% more CPU here
+    (0.7-7% in four side-by-side runs), up to 11% more wall time.
     Later builds in that directory recompile only what changed, with ccache. The
     command line stays `ccache gcc`, so kbuild sees no changed command and rebuilds
     nothing for it. CCACHE_NODISABLE=1 fills the cache anyway."""
