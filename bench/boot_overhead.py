@@ -33,7 +33,7 @@ from pathlib import Path
 from harness.cpio import CpioWriter
 from harness.kernel import PREBUILT_KERNEL
 from harness.machine import Machine
-from harness.profiles.model import size_mib
+from harness.qemuproc import SocketDir
 from harness.runner import RunRequest, make_plan
 
 POWEROFF_INIT = b"#!/bin/sh\n/bin/busybox poweroff -f\n"
@@ -95,13 +95,9 @@ def main() -> int:
         def raw(i: int) -> None:
             subprocess.run(raw_argv, check=True, timeout=120, stdin=subprocess.DEVNULL)
 
-        vm_dir = work / "raw-vm"
-        vm_dir.mkdir()
-        for spec in plan.profile.scratch_disks:
-            node, _, size = spec.partition(":")
-            with open(vm_dir / f"{node}.img", "wb") as f:
-                f.truncate(size_mib(size, spec) << 20)
-        vm_argv = raw_vm_argv(plan.argv(vm_dir, "bench-raw-vm"), work, initrd)
+        vm_dir = SocketDir("raw-vm", work)  # the scratch disk images, as a machine makes them
+        vm_dir.scratch_disks(plan.profile.scratch_disks)
+        vm_argv = raw_vm_argv(plan.argv(vm_dir.path, "bench-raw-vm"), work, initrd)
 
         def raw_vm(i: int) -> None:
             subprocess.run(vm_argv, check=True, timeout=120, stdin=subprocess.DEVNULL)

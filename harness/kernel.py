@@ -9,7 +9,6 @@ postinst would do that on a real install). `debian:linux-image-cloud-amd64`
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from harness import process
 from harness.errors import BadInput, InfraError
 from harness.hashing import file_sha256 as file_sha256  # runner and cli import it from here
 from harness.identity import BuildIdentity, distro_version, fragment_names, series_name
-from harness.paths import atomic_write, cache_dir
+from harness.paths import cache_dir, memo_get, memo_put
 
 # Debian's current cloud kernel: the prebuilt kernel tests and benches boot
 # (the CLI's default is the sample build: paths.default_kernel()).
@@ -204,14 +203,10 @@ def _concrete_package(package: str) -> str:
         return package
     # `apt-cache depends` took 0.6-0.9 s of every run: its answer is kept for as long as
     # apt's package lists, sources and pins are the ones it was given on.
-    memo = cache_dir() / "debian" / "resolved.json"
     state = _apt_state()
-    try:
-        known = json.loads(memo.read_text())
-        if known.get("apt") == state and isinstance(known.get("packages", {}).get(package), str):
-            return str(known["packages"][package])
-    except (OSError, ValueError, AttributeError):
-        known = {}
+    kept = memo_get(RESOLVED, package, state)
+    if isinstance(kept, str):
+        return kept
     try:
         out = _apt(["apt-cache", "depends", package], f"package {package}")
     except _AptFailed as e:
@@ -219,20 +214,17 @@ def _concrete_package(package: str) -> str:
     for line in out.splitlines():
         m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
         if m:
-            packages = known.get("packages", {}) if known.get("apt") == state else {}
-            try:
-                atomic_write(memo, json.dumps({"apt": state, "packages": {**packages, package: m.group(1)}}))
-            except OSError:
-                pass  # resolved again next time
+            memo_put(RESOLVED, package, state, m.group(1))
             return m.group(1)
     raise BadInput(f"package {package}: not a linux-image package apt knows")
 
 
+RESOLVED = "debian/resolved.json"  # meta-packages resolved, in the cache
 APT_STATE = (Path("/var/lib/apt/lists"), Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"),
              Path("/etc/apt/preferences"), Path("/etc/apt/preferences.d"))
 
 
-def _apt_state() -> list[str]:
+def _apt_state() -> str:
     """What `apt-cache depends` answers from, as names, sizes and times: the package lists
     (`apt-get update` replaces them), the sources and the pins."""
     state = []
@@ -246,7 +238,7 @@ def _apt_state() -> list[str]:
             except OSError:
                 continue
             state.append(f"{entry} {st.st_size} {st.st_mtime_ns}")
-    return state
+    return "\n".join(state)
 
 
 def _debian_kernel(package: str, spec: str) -> Kernel:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,36 @@ def load_yaml(path: Path, what: str) -> object:
         raise BadInput(f"{what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise BadInput(f"{what} {path}: malformed YAML: {getattr(e, 'problem', e)}") from None
+
+
+def memo_get(name: str, key: str, stamp: str) -> Any:
+    """What `memo_put` kept under `key` in the cache's memo file `name` (a JSON file under
+    `cache_dir()`), if it was kept with this `stamp` (what the answer was worked out from:
+    a file's size and time, a text, a state); else None. An unreadable memo is a miss."""
+    entry = _memo(cache_dir() / name).get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry.get("value")
+    return None
+
+
+def memo_put(name: str, key: str, stamp: str, value: Any, keep: Callable[[str], bool] | None = None) -> None:
+    """Keep `value` (not None, as JSON keeps it) under `key` with its `stamp`; `keep`, if given,
+    says which other keys stay. A cache that cannot be written is only asked again next time."""
+    file = cache_dir() / name
+    memo = {k: v for k, v in _memo(file).items() if keep is None or keep(k)}
+    memo[key] = {"stamp": stamp, "value": value}
+    try:
+        atomic_write(file, json.dumps(memo, indent=1) + "\n")  # in order: a value may keep it
+    except OSError:
+        pass
+
+
+def _memo(file: Path) -> dict[str, Any]:
+    try:
+        memo = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shlex
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from harness.errors import InfraError, Terminated
-from harness.paths import atomic_write, cache_dir
+from harness.paths import memo_get, memo_put
 
 _PR_SET_PDEATHSIG = 1
 
@@ -226,6 +225,9 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         pass  # already gone
 
 
+VERSIONS = "tools/versions.json"  # version_line's memo in the cache
+
+
 def version_line(program: str) -> str:
     """The first line of `program --version` ("unknown" if it printed nothing), kept in the cache per
     program file (its real path, size and mtime): asking cost a run 5-300 ms for each program (a
@@ -237,22 +239,12 @@ def version_line(program: str) -> str:
         key = f"{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         real = key = ""
-    memo = cache_dir() / "tools" / "versions.json"
-    known: dict[str, dict[str, str]] = {}
-    try:
-        loaded = json.loads(memo.read_text())
-        known = loaded if isinstance(loaded, dict) else {}
-    except (OSError, ValueError):
-        pass
-    entry = known.get(real) if real else None
-    if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("version"), str):
-        return str(entry["version"])
+    if real:
+        kept = memo_get(VERSIONS, real, key)
+        if isinstance(kept, str):
+            return kept
     out = run([path, "--version"], timeout=30).out
     version = out.splitlines()[0] if out else "unknown"
     if real:
-        known[real] = {"key": key, "version": version}
-        try:
-            atomic_write(memo, json.dumps(known, indent=1, sort_keys=True) + "\n")
-        except OSError:
-            pass
+        memo_put(VERSIONS, real, key, version)
     return version

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import BadInput
-from harness.paths import PROFILES_DIR, atomic_write, cache_dir, parse_yaml
+from harness.paths import PROFILES_DIR, memo_get, memo_put, parse_yaml
 from harness.profiles.model import COCO_KINDS, NEEDS, Profile, Timeouts, size_mib
 from harness.profiles.params import apply_params
 
@@ -53,11 +53,9 @@ def _parse(name: str, path: Path) -> Any:
     with the text): parsing, most of it importing PyYAML and libyaml, took every run 30-40 ms
     before its VM could start."""
     text = path.read_text()
-    memo_file = cache_dir() / "profiles.json"
-    memo = _read_memo(memo_file)
-    kept = memo.get(str(path))
-    if isinstance(kept, dict) and kept.get("text") == text:
-        return kept.get("data")
+    kept = memo_get(PARSED, str(path), text)
+    if kept is not None:
+        return kept
     import yaml  # here: a profile taken from the cache, or a plan read back, needs no YAML
 
     try:
@@ -68,20 +66,14 @@ def _parse(name: str, path: Path) -> Any:
         raise BadInput(f"profile {name} ({path}{at}): malformed YAML: {getattr(e, 'problem', e)}") from None
     try:
         if json.loads(json.dumps(data)) == data:  # what JSON keeps as it is (no dates, no number keys)
-            memo = {k: v for k, v in memo.items() if Path(k).is_file()}  # no profiles of removed directories
-            memo[str(path)] = {"text": text, "data": data}
-            atomic_write(memo_file, json.dumps(memo))
-    except (OSError, TypeError, ValueError):
+            # The profiles of removed directories (a test's) go.
+            memo_put(PARSED, str(path), text, data, keep=lambda k: Path(k).is_file())
+    except (TypeError, ValueError):
         pass  # parsed again next time
     return data
 
 
-def _read_memo(path: Path) -> dict[str, Any]:
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) else {}
+PARSED = "profiles.json"  # what profile files parsed to, in the cache
 
 
 def _type_name(t: type | tuple[type, ...]) -> str:
