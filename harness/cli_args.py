@@ -113,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive(float, "seconds"), default=1800.0,
                    help="deadline for all guest tests, seconds")
     p.add_argument("--dry-run", action="store_true", help="print the launch plan, start nothing")
-    p.add_argument("--channel", choices=("serial", "ssh"), default="serial",
-                   help="command channel to our guest: its second serial port, or SSH (dropbear, per-run keys)")
+    p.add_argument("--channel", choices=("auto", "serial", "virtio", "ssh"), default="auto",
+                   help="command channel to our guest: a virtio-serial port where the kernel has the driver and "
+                        "the profile is not confidential (auto, the default), its second serial port (ttyS1; "
+                        "for a kernel whose virtio is under test), virtio, or SSH (dropbear, per-run keys)")
     p.add_argument("--target", default=None, metavar="ssh://USER@HOST[:PORT]",
                    help="run the guest tests on an existing machine over SSH instead of booting one")
     p.add_argument("--identity", type=Path, default=None, help="private key for --target")

@@ -46,6 +46,10 @@ FEATURES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("dma_api_debug", ("CONFIG_DMA_API_DEBUG",), "DMA-API debug"),
 )
 
+# Options the plan itself depends on, kept with their value (y or m): the virtio-serial
+# command channel needs the virtio console driver (harness.plan.choose_channel).
+PLANNING = ("CONFIG_VIRTIO_CONSOLE", "CONFIG_VIRTIO_PCI")
+
 
 @dataclass(frozen=True)
 class Diagnostics:
@@ -53,6 +57,11 @@ class Diagnostics:
 
     source: str | None                       # None: no configuration found
     features: dict[str, bool] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)  # PLANNING options that are on: "y" or "m"
+
+    def option(self, name: str) -> str | None:
+        """"y", "m", or None (off, or the configuration is unknown)."""
+        return self.options.get(name)
 
     @property
     def known(self) -> bool:
@@ -88,12 +97,13 @@ class Diagnostics:
         return f"{text}; debug: {', '.join(debug) or 'none'} (config: {self.source})"
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "features": dict(self.features), "problems": self.problems(),
-                "notes": self.notes()}
+        return {"source": self.source, "features": dict(self.features), "options": dict(self.options),
+                "problems": self.problems(), "notes": self.notes()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Diagnostics:
-        return cls(data.get("source"), {str(k): bool(v) for k, v in (data.get("features") or {}).items()})
+        return cls(data.get("source"), {str(k): bool(v) for k, v in (data.get("features") or {}).items()},
+                   {str(k): str(v) for k, v in (data.get("options") or {}).items()})
 
 
 # `CONFIG_X=y` or `=m` on a line of its own (surrounding blanks allowed, as .config readers strip them).
@@ -101,13 +111,14 @@ _ENABLED = re.compile(r"^\s*(CONFIG_\w+)=([ym])\s*$", re.M)
 
 
 def diagnose(config_text: str, source: str) -> Diagnostics:
-    """The reporting features a configuration turns on (built in or as a module)."""
+    """The reporting features a configuration turns on (built in or as a module), and the
+    PLANNING options' values."""
     # Only the options FEATURES names, found in the text: a whole parse of a 10,000-line
     # .config (with the build package it imports) cost every run 50-70 ms.
-    wanted = {o for _, opts, _ in FEATURES for o in opts}
-    on = {m.group(1) for m in _ENABLED.finditer(config_text) if m.group(1) in wanted}
+    wanted = {o for _, opts, _ in FEATURES for o in opts} | set(PLANNING)
+    on = {m.group(1): m.group(2) for m in _ENABLED.finditer(config_text) if m.group(1) in wanted}
     features = {key: any(o in on for o in opts) for key, opts, _ in FEATURES}
-    return Diagnostics(source, features)
+    return Diagnostics(source, features, {o: on[o] for o in PLANNING if o in on})
 
 
 def config_beside(image: Path, release: str | None = None) -> Path | None:

@@ -1,11 +1,12 @@
-"""The guest command channel: what guest tests use, and its serial implementation.
+"""The guest command channel: what guest tests use, and the agent's implementation.
 
 `GuestChannel` is the face every channel shows (run, check, put, get);
 `AgentSession` runs commands over a channel the kernel log never touches:
-the guest's second serial port (ttyS1), driven with pexpect;
-the kernel's console is ttyS0. The guest side is `guestfs/harness-agent.c`; its
-protocol frames stdout, stderr and the exit status with per-command tokens, so
-output is never mistaken for a marker and never mixed with printk.
+a port of its own (a virtio-serial port, or the guest's second serial port
+ttyS1: harness.channel), driven with pexpect; the kernel's console is ttyS0.
+The guest side is `guestfs/harness-agent.c`; its protocol frames stdout,
+stderr and the exit status with per-command tokens, so output is never
+mistaken for a marker and never mixed with printk.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class Transcript:
 
 
 class AgentSession(GuestChannel):
-    """The serial command channel (ttyS1 and its agent): commands, file transfer, the agent's release string."""
+    """The agent's command channel (its port's socket): commands, file transfer, the agent's release string."""
 
     def __init__(self, sock: socket.socket, transcript: Path | None = None,
                  default_timeout: float = 60.0) -> None:
@@ -292,9 +293,9 @@ class AgentSession(GuestChannel):
 
 
 class ChannelFactory:
-    """How the guest channel of one of our VMs comes about: here, the serial agent itself.
+    """How the guest channel of one of our VMs comes about: here, the agent itself.
 
-    The agent on ttyS1 is there in every guest: its greeting is how a boot ends.
+    The agent (on ttyS1 or a virtio-serial port) is there in every guest: its greeting is how a boot ends.
     A factory for another channel (harness.ssh) prepares the launch before QEMU
     starts and, once the agent has answered, opens the channel that tests use.
     """

@@ -180,8 +180,8 @@ def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
 
 def dry_run_report(req: LabRequest, plan: LabPlan, caps: HostCaps) -> dict[str, Any]:
     """Both plans: L1's argv here, and the inner run's plan as L1 is expected to make it."""
+    from harness.plan import dry_run_report as inner_report
     from harness.runner import RunRequest, make_plan
-    from harness.runner import dry_run_report as inner_report
 
     inner_profile = plan.l1.profile.param("inner_profile") or "vfio"
     params = {"host_bdf": ",".join(plan.bdfs), "vfio_backend": plan.l1.profile.param("vfio_backend") or "iommufd"}

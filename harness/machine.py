@@ -198,7 +198,7 @@ class Machine:
         self._sockets = sockets = SocketDir(self.name, self._sock_parent)
         sockets.listen("console.sock", "channel.sock", "qmp.sock")
         sockets.scratch_disks(self.plan.profile.scratch_disks)
-        if self.plan.channel != "serial":
+        if self.plan.channel == "ssh":
             from harness.ssh import channel_factory
 
             self.channels = channel_factory(self.plan.channel, sockets.path)

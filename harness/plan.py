@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.channel import CHANNEL_PARAM, VIRTIO_PORT, virtio_channel_allowed
 from harness.diagnostics import Diagnostics
 from harness.errors import BadInput, InfraError
 from harness.kernel import Kernel
@@ -37,7 +40,8 @@ class LaunchPlan:
     boot_timeout: float | None = None
     append: str = ""
     initrd_modules: tuple[str, ...] = ()
-    channel: str = "serial"
+    channel: str = "serial"           # serial (ttyS1), virtio (a virtio-serial port) or ssh
+    channel_reason: str = ""
     # What the kernel can report (WARN/BUG, KALLSYMS, sanitizers), from its config.
     diagnostics: Diagnostics = Diagnostics(None)
 
@@ -51,14 +55,16 @@ class LaunchPlan:
 
     def argv(self, sock_dir: str | Path, name: str, ssh_port: int | None = None) -> list[str]:
         return build_argv(self.qemu, self.profile, self.accel, self.kernel.image, self.initrd,
-                          self.cmdline, str(sock_dir), name, self.extra_args, ssh_port)
+                          self.cmdline, str(sock_dir), name, self.extra_args, ssh_port, self.channel)
 
     def requested_argv(self, sock_dir: str | Path, name: str) -> list[str]:
         """The argv the requested profile uses on a host that has what it needs."""
         prof = self.requested_profile
+        # A confidential profile keeps the agent on the 16550 (virtio_channel_allowed).
+        channel = "serial" if self.channel == "virtio" and virtio_channel_allowed(prof) else self.channel
         return build_argv(self.qemu, prof, "kvm", self.kernel.image, self.initrd,
-                          kernel_cmdline(prof, self.append, self.channel), str(sock_dir), name, self.extra_args,
-                          0 if self.channel == "ssh" else None)
+                          kernel_cmdline(prof, self.append, channel), str(sock_dir), name, self.extra_args,
+                          0 if channel == "ssh" else None, channel)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +83,7 @@ class LaunchPlan:
             "append": self.append,
             "initrd_modules": list(self.initrd_modules),
             "channel": self.channel,
+            "channel_reason": self.channel_reason,
             "diagnostics": self.diagnostics.to_json(),
             "profile": self.profile.to_json(),
             "requested_profile": self.requested_profile.to_json(),
@@ -92,7 +99,7 @@ class LaunchPlan:
             initrd_sha256=data["initrd_sha256"], cmdline=data["cmdline"],
             extra_args=tuple(data["extra_args"]), boot_timeout=data.get("boot_timeout"),
             append=data.get("append", ""), initrd_modules=tuple(data.get("initrd_modules", ())),
-            channel=data.get("channel", "serial"),
+            channel=data.get("channel", "serial"), channel_reason=data.get("channel_reason", ""),
             diagnostics=Diagnostics.from_json(data.get("diagnostics") or {}),
         )
 
@@ -228,20 +235,28 @@ def kernel_cmdline(profile: Profile, append: str = "", channel: str = "serial") 
     if append.count('"') % 2:
         raise BadInput(f"--append {append!r}: unclosed double quote (the kernel would take the rest of the "
                        "command line as its value)")
+    words = list(profile.cmdline)
+    if channel == "virtio":
+        # The agent's port: the profile's `harness.channel=ttyS1` names the 16550 it replaces.
+        words = [w for w in words if not w.startswith(f"{CHANNEL_PARAM}=")] + [f"{CHANNEL_PARAM}=virtio"]
     ssh = ["harness.ssh=1"] if channel == "ssh" else []
-    return " ".join([*profile.cmdline, *ssh, *([append.strip()] if append.strip() else [])])
+    return " ".join([*words, *ssh, *([append.strip()] if append.strip() else [])])
 
 
 def build_argv(
     qemu: str, profile: Profile, accel: str, kernel: Path, initrd: Path, cmdline: str,
     sock_dir: str, name: str, extra_args: tuple[str, ...] = (), ssh_port: int | None = None,
+    channel: str = "serial",
 ) -> list[str]:
     """The exact QEMU argv. Pure: same inputs, same list.
 
     The serial console, the command channel and QMP are unix sockets that the
     harness listens on before QEMU starts; QEMU connects as a client during
     start-up, before the guest runs a single instruction, so not one byte of
-    console output can be lost to a connect race.
+    console output can be lost to a connect race. The command channel's front
+    end is the second 16550 (ttyS1), or with `channel` "virtio" a named port of a
+    virtio-serial device of its own, after the profile's devices (so they keep
+    their slots).
     """
     cpu = profile.cpu_kvm if accel == "kvm" else profile.cpu_tcg
     firmware = ["-bios", profile.firmware] if profile.firmware else []
@@ -254,7 +269,7 @@ def build_argv(
         "-chardev", f"socket,id=console,path={sock_dir}/console.sock",
         "-serial", "chardev:console",
         "-chardev", f"socket,id=channel,path={sock_dir}/channel.sock",
-        "-serial", "chardev:channel",
+        *([] if channel == "virtio" else ["-serial", "chardev:channel"]),
         "-chardev", f"socket,id=qmp,path={sock_dir}/qmp.sock",
         "-mon", "chardev=qmp,mode=control",
     ]
@@ -266,6 +281,9 @@ def build_argv(
         argv += ["-device", f"pcie-root-port,id=hp{port},chassis={port + 1},slot={port + 1}"]
     for device in profile.devices:
         argv += ["-device", device]
+    if channel == "virtio":
+        argv += ["-device", "virtio-serial-pci,id=hchan0,max_ports=2",
+                 "-device", f"virtserialport,bus=hchan0.0,nr=1,chardev=channel,name={VIRTIO_PORT}"]
     if ssh_port is not None:
         # SSH channel: user networking, the guest's port 22 on a loopback port of ours.
         nic = "virtio-net-pci,netdev=hnet0,id=hnic0"
@@ -274,3 +292,38 @@ def build_argv(
         argv += ["-netdev", f"user,id=hnet0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22", "-device", nic]
     argv += [*profile.object_argv(), *profile.args, *extra_args]
     return argv
+
+
+def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
+    return {
+        "requested": plan.requested,
+        "effective": plan.profile.name,
+        "reasons": list(plan.reasons),
+        "accel": plan.accel,
+        "accel_reason": plan.accel_reason,
+        "cmdline": plan.cmdline,
+        "channel": plan.channel,
+        "channel_reason": plan.channel_reason,
+        "argv": plan.argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
+        "requested_argv": plan.requested_argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
+        # Devices the tests hot-plug over QMP after boot (`device_add` specs): never on
+        # the command line, since a TIO device cold-plugged with SNP fails.
+        "hotplug": list(plan.profile.hotplug),
+        "requested_hotplug": list(plan.requested_profile.hotplug),
+        "params": dict(plan.requested_profile.params),
+    }
+
+
+def print_dry_run(plan: LaunchPlan, as_json: bool) -> None:
+    report = dry_run_report(plan)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"profile: {report['requested']} -> {report['effective']}")
+    for reason in report["reasons"]:
+        print(f"  fallback: {reason}")
+    print(f"accel: {plan.accel} ({plan.accel_reason})")
+    print(f"channel: {plan.channel} ({plan.channel_reason})")
+    print(f"argv: {shlex.join(report['argv'])}")
+    if report["requested_argv"] != report["argv"]:
+        print(f"requested argv (capable host): {shlex.join(report['requested_argv'])}")

@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from harness.channel import channel_modules, choose_channel
 from harness.diagnostics import REMOTE_CONFIG, diagnose, diagnose_image
 from harness.errors import EXIT_BAD_INPUT, EXIT_INFRA, BadInput, InfraError, Terminated
 from harness.events import EVENTS, EventLog, Source
@@ -36,7 +37,7 @@ from harness.initramfs import build_initramfs
 from harness.kernel import file_sha256, resolve_kernel
 from harness.labplan import LabRequest, is_lab_host
 from harness.paths import GUEST_TESTS_DIR, atomic_write, default_kernel
-from harness.plan import SOCK_DIR_PLACEHOLDER, LaunchPlan, choose_accel, kernel_cmdline, plan_profile
+from harness.plan import LaunchPlan, choose_accel, kernel_cmdline, plan_profile, print_dry_run
 from harness.probe import HostCaps, probe_host
 from harness.probe.kmsg import HostKernelLog
 from harness.process import kill_machines, sweep_stale
@@ -93,7 +94,7 @@ class RunRequest:
     dry_run: bool = False
     json: bool = False
     reproduces: str | None = None
-    channel: str = "serial"
+    channel: str = "auto"
     target: str | None = None
     identity: Path | None = None
     known_hosts: Path | None = None
@@ -135,26 +136,33 @@ def make_plan(req: RunRequest, prober: Prober = probe_host) -> tuple[LaunchPlan,
         # A kernel that cannot report a failure makes every test on it unable to fail.
         raise BadInput(f"kernel {kernel.spec}: {diagnostics.problems()[0]} (--strict)")
     accel, why = choose_accel(profile, caps)
+    channel, channel_reason = choose_channel(req.channel, profile, kernel, diagnostics)
     # The initramfs carries the modules of both, so a forced or reproduced run
-    # of the requested profile finds what it needs; and the SSH channel's NIC driver.
+    # of the requested profile finds what it needs; and the channel's drivers.
     modules = tuple(dict.fromkeys([*profile.modules, *choice.requested.modules,
-                                   *(("virtio_net",) if req.channel == "ssh" else ())]))
-    initrd = build_initramfs(kernel, modules, extra_files=build_tools(), ssh=req.channel == "ssh")
+                                   *(("virtio_net",) if channel == "ssh" else ()),
+                                   *channel_modules(channel, diagnostics)]))
+    initrd = build_initramfs(kernel, modules, extra_files=build_tools(), ssh=channel == "ssh")
+    if channel == "virtio" and "virtio_console" in initrd.missing_modules:
+        if req.channel == "virtio":
+            raise BadInput(f"--channel virtio: kernel {kernel.release} has no virtio_console module in its tree")
+        channel, channel_reason = "serial", f"kernel {kernel.release}: no virtio_console module in its tree"
     plan = LaunchPlan(
         requested=req.profile, profile=profile, reasons=choice.reasons, requested_profile=choice.requested,
         accel=accel, accel_reason=why,
         qemu=str(caps.qemu.value), kernel=kernel, initrd=initrd.path, initrd_sha256=initrd.sha256,
-        cmdline=kernel_cmdline(profile, req.append, req.channel), extra_args=tuple(req.qemu_args),
-        boot_timeout=req.boot_timeout, append=req.append, initrd_modules=initrd.modules, channel=req.channel,
-        diagnostics=diagnostics,
+        cmdline=kernel_cmdline(profile, req.append, channel), extra_args=tuple(req.qemu_args),
+        boot_timeout=req.boot_timeout, append=req.append, initrd_modules=initrd.modules, channel=channel,
+        channel_reason=channel_reason, diagnostics=diagnostics,
     )
-    if initrd.missing_modules:
+    missing = [m for m in initrd.missing_modules if m in profile.modules or m in choice.requested.modules]
+    if missing:
         names = profile.name if profile.name == req.profile else f"{req.profile}/{profile.name}"
         if kernel.modules_dir is None:
-            print(f"note: kernel {kernel.release} has no module tree: {', '.join(initrd.missing_modules)} "
+            print(f"note: kernel {kernel.release} has no module tree: {', '.join(missing)} "
                   f"(profile {names}) must be built in", file=sys.stderr)
         else:
-            print(f"warning: kernel {kernel.release} has no module(s) {', '.join(initrd.missing_modules)} "
+            print(f"warning: kernel {kernel.release} has no module(s) {', '.join(missing)} "
                   f"named by profile {names}", file=sys.stderr)
     return plan, caps
 
@@ -165,24 +173,6 @@ def _results_root(req: RunRequest) -> Path:
     if root.exists() and not root.is_dir():
         raise BadInput(f"--results {req.results}: not a directory")
     return root
-
-
-def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
-    return {
-        "requested": plan.requested,
-        "effective": plan.profile.name,
-        "reasons": list(plan.reasons),
-        "accel": plan.accel,
-        "accel_reason": plan.accel_reason,
-        "cmdline": plan.cmdline,
-        "argv": plan.argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
-        "requested_argv": plan.requested_argv(SOCK_DIR_PLACEHOLDER, "harness-main"),
-        # Devices the tests hot-plug over QMP after boot (`device_add` specs): never on
-        # the command line, since a TIO device cold-plugged with SNP fails.
-        "hotplug": list(plan.profile.hotplug),
-        "requested_hotplug": list(plan.requested_profile.hotplug),
-        "params": dict(plan.requested_profile.params),
-    }
 
 
 def _firmware(caps: HostCaps) -> dict[str, FileRecord]:
@@ -239,7 +229,7 @@ def run(req: RunRequest, argv: list[str], prober: Prober = probe_host, launcher:
 def _run_local(req: RunRequest, argv: list[str], start: float, prober: Prober, launch: Launcher) -> int:
     plan, caps = make_plan(req, prober)
     if req.dry_run:
-        _print_dry_run(plan, req.json)
+        print_dry_run(plan, req.json)
         return 0
     sweep_stale()
     # Host functions the profile assigns go to vfio-pci before the run directory exists (a group
@@ -263,20 +253,6 @@ def _run_local(req: RunRequest, argv: list[str], start: float, prober: Prober, l
         print_diagnostics(plan.diagnostics)
         return _execute(req, run_dir, record, start, launch,
                         sock_parent=launch.sock_parent if isinstance(launch, EarlyPytest) else None)
-
-
-def _print_dry_run(plan: LaunchPlan, as_json: bool) -> None:
-    report = dry_run_report(plan)
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    print(f"profile: {report['requested']} -> {report['effective']}")
-    for reason in report["reasons"]:
-        print(f"  fallback: {reason}")
-    print(f"accel: {plan.accel} ({plan.accel_reason})")
-    print(f"argv: {shlex.join(report['argv'])}")
-    if report["requested_argv"] != report["argv"]:
-        print(f"requested argv (capable host): {shlex.join(report['requested_argv'])}")
 
 
 def _start_record(run_id: str, plan: LaunchPlan, caps: HostCaps, req: RunRequest, argv: list[str]) -> RunRecord:

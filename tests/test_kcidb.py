@@ -212,7 +212,8 @@ def test_a_built_kernel_has_its_source_patchset_and_build(cli: Cli) -> None:
     assert checkout["patchset_hash"] == shell_patchset_hash(series)
     assert checkout["misc"]["source_identity"].startswith("tar:") and len(checkout["misc"]["patches"]) == 3
     assert "linux-source-6.12.tar.xz + 3 patches" in checkout["comment"]
-    assert build["config_name"] == "base" and build["compiler"].startswith("gcc") and build["duration"] > 0
+    assert build["config_name"] == "base+virtio-channel"
+    assert build["compiler"].startswith("gcc") and build["duration"] > 0
     assert build["log_excerpt"].strip() and Path(build["misc"]["log_path"]).is_file()
     assert {t["path"] for t in doc["tests"]} >= {"coco.series.sample_series_boot_message",
                                                  "coco.boot.reached_userspace"}

@@ -42,7 +42,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("harness", "errors", "paths", "process", "hashing", "cpio", "events")),
     ("build", ("build", "identity", "kernel", "tools", "initramfs")),
     ("checks", ("dmesg", "diagnostics")),
-    ("plan", ("profiles", "probe", "plan")),
+    ("plan", ("profiles", "probe", "channel", "plan")),
     ("channels", ("guest", "ssh", "qmp", "sysfs", "hotplug", "hostpci", "hoststate", "assign")),
     ("machine", ("console", "qemuproc", "machine", "console_tty", "qemu_check")),
     ("run directory", ("results", "rundir", "verdict", "timeline")),
