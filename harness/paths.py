@@ -16,6 +16,8 @@ KCONFIGS_DIR = REPO / "kconfigs"
 GUEST_TESTS_DIR = REPO / "guest_tests"
 # The main job's kernel: linux-source-6.12 + the sample series (kernels/).
 SAMPLE_KERNEL = REPO / "kernels" / "coco-sample.yaml"
+# The memo (see memo_get) of the YAML files load_yaml keeps parsed.
+YAML_MEMO = "yaml.json"
 
 
 def default_kernel() -> str:
@@ -42,18 +44,38 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
-def load_yaml(path: Path, what: str) -> object:
-    """YAML from a file the user named; BadInput (naming `what` and the file) if unreadable."""
-    import yaml
+def load_yaml(path: Path, what: str, memo: bool = False) -> object:
+    """YAML from a file the user named; BadInput (naming `what` and the file) if unreadable.
 
+    `memo`: keep the parsed document in the cache, by the file's text, for a file that
+    every run reads (a build spec): importing PyYAML cost each run 10-15 ms. Only a
+    document that JSON gives back unchanged is kept."""
     from harness.errors import BadInput
 
     try:
-        return parse_yaml(path.read_text())
+        text = path.read_text()
     except OSError as e:
         raise BadInput(f"{what} {path}: {e.strerror}") from None
+    key = str(path.resolve())
+    kept = memo_get(YAML_MEMO, key, text) if memo else None
+    if kept is not None:
+        return kept
+    import yaml
+
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         raise BadInput(f"{what} {path}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    if memo and data is not None and _json_exact(data):
+        memo_put(YAML_MEMO, key, text, data, keep=lambda k: Path(k).is_file())
+    return data
+
+
+def _json_exact(data: object) -> bool:
+    try:
+        return bool(json.loads(json.dumps(data)) == data)
+    except (TypeError, ValueError):
+        return False
 
 
 def memo_get(name: str, key: str, stamp: str) -> Any:

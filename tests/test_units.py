@@ -444,3 +444,24 @@ def test_a_profile_is_parsed_once_per_text(tmp_path: Path, monkeypatch: pytest.M
     (tmp_path / "p.yaml").write_text("machine: [q35\n")
     with pytest.raises(BadInput, match=r"profile p \(.*p\.yaml line \d+\): malformed YAML"):
         load_profile("p", tmp_path)
+
+
+def test_a_build_spec_is_parsed_once_per_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `harness run` reads the default build spec: after the first parse it comes from the
+    cache's memo without PyYAML; an edit is parsed again, a malformed one still named."""
+    from harness import paths
+    from harness.build import load_spec
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    parsed: list[str] = []
+    real = paths.parse_yaml
+    monkeypatch.setattr(paths, "parse_yaml", lambda text: parsed.append(text) or real(text))
+    spec = tmp_path / "k.yaml"
+    spec.write_text("source: /src/linux.tar.xz\nconfigs: [base]\n")
+    assert load_spec(spec).configs == ["base"] and load_spec(spec).source == "/src/linux.tar.xz"
+    assert len(parsed) == 1
+    spec.write_text("source: /src/linux.tar.xz\nconfigs: [base, debug]\n")
+    assert load_spec(spec).configs == ["base", "debug"] and len(parsed) == 2
+    spec.write_text("source: [x\n")
+    with pytest.raises(BadInput, match=r"build spec .*k\.yaml: malformed YAML"):
+        load_spec(spec)

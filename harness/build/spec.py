@@ -19,7 +19,7 @@ class BuildSpec:
 def load_spec(path: Path, extra_keys: tuple[str, ...] = ()) -> BuildSpec:
     """A build spec YAML: {source, series, configs}; relative paths are relative to the file.
     `extra_keys` are allowed beside them and left to the caller (bisect's good and bad)."""
-    data = load_yaml(path, "build spec")
+    data = load_yaml(path, "build spec", memo=True)
     if not isinstance(data, dict) or "source" not in data:
         raise BadInput(f"build spec {path}: needs a 'source' key")
     known = ("source", "series", "configs", *extra_keys)
