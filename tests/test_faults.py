@@ -55,9 +55,26 @@ def _run_until_booted(cli: Cli, selection: str) -> subprocess.Popen[str]:
     return proc
 
 
+def _wait_test_started(cli: Cli, proc: subprocess.Popen[str], name: str) -> None:
+    """Until the run's event log says a test whose node id has `name` in it has started."""
+    deadline = time.monotonic() + 60
+    while True:
+        for path in cli.results.glob("*/events.jsonl"):
+            for line in path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a line being written
+                if event.get("kind") == "test-start" and name in event.get("data", {}).get("nodeid", ""):
+                    return
+        assert time.monotonic() < deadline and proc.poll() is None, f"no test {name!r} started"
+        time.sleep(0.02)
+
+
 def test_qemu_killed_from_outside_is_infrastructure_not_a_kernel_failure(cli: Cli) -> None:
     proc = _run_until_booted(cli, "dma_stress")
-    time.sleep(1.0)  # into the first DMA test
+    # Into the first DMA test (a fixed sleep missed them all once the four took under a second).
+    _wait_test_started(cli, proc, "test_dma_stress_verifies")
     pid = _qemu_pid(cli)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # as the OOM killer or a user would
