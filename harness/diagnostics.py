@@ -47,7 +47,7 @@ FEATURES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 # Options the plan itself depends on, kept with their value (y or m): the virtio-serial
-# command channel needs the virtio console driver (harness.plan.choose_channel).
+# command channel needs the virtio console driver (harness.channel.choose_channel).
 PLANNING = ("CONFIG_VIRTIO_CONSOLE", "CONFIG_VIRTIO_PCI")
 
 

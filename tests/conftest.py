@@ -83,6 +83,13 @@ class Cli:
         return dirs[0]
 
 
+def check_golden(argv: list[str], path: Path) -> None:
+    """`argv` is the golden file's; HARNESS_REGEN_GOLDEN=1 writes it instead (review the diff)."""
+    if os.environ.get("HARNESS_REGEN_GOLDEN"):
+        path.write_text(json.dumps(argv, indent=1) + "\n")
+    assert argv == json.loads(path.read_text()), f"argv changed; regenerate with HARNESS_REGEN_GOLDEN=1 ({path})"
+
+
 def write_meta_json(run: Path, meta: dict[str, object]) -> None:
     """A hand-written meta.json with only the keys the reader under test needs."""
     (run / "meta.json").write_text(json.dumps(meta))

@@ -8,13 +8,13 @@ Regenerate with HARNESS_REGEN_GOLDEN=1 after an intended change, and review the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from harness.plan import build_argv
 from harness.profiles import apply_params, available, load_profile
+from tests.conftest import check_golden
 
 GOLDEN = Path(__file__).parent / "golden"
 MRCONFIGID = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4v"  # bytes 0..47
@@ -27,12 +27,6 @@ VARIANTS = {
 }
 
 
-def _check(argv: list[str], path: Path) -> None:
-    if os.environ.get("HARNESS_REGEN_GOLDEN"):
-        path.write_text(json.dumps(argv, indent=1) + "\n")
-    assert argv == json.loads(path.read_text()), f"argv changed; regenerate with HARNESS_REGEN_GOLDEN=1 ({path})"
-
-
 def _argv(name: str, params: dict[str, str], accel: str) -> list[str]:
     profile = apply_params(load_profile(name), params)
     return build_argv("qemu-system-x86_64", profile, accel, Path("/k/bzImage"), Path("/k/initrd.cpio"),
@@ -42,14 +36,14 @@ def _argv(name: str, params: dict[str, str], accel: str) -> list[str]:
 @pytest.mark.parametrize("name", available())
 @pytest.mark.parametrize("accel", ["tcg", "kvm"])
 def test_argv_matches_golden(name: str, accel: str) -> None:
-    _check(_argv(name, {}, accel), GOLDEN / f"{name}-{accel}.argv.json")
+    check_golden(_argv(name, {}, accel), GOLDEN / f"{name}-{accel}.argv.json")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_parameter_variants_match_golden(variant: str) -> None:
     name, params = VARIANTS[variant]
     profile = apply_params(load_profile(name), params)
-    _check([*_argv(name, params, "kvm"), "#hotplug", *profile.hotplug], GOLDEN / f"{variant}.argv.json")
+    check_golden([*_argv(name, params, "kvm"), "#hotplug", *profile.hotplug], GOLDEN / f"{variant}.argv.json")
 
 
 def test_tdx_quote_socket_uses_the_json_object_form() -> None:

@@ -4,7 +4,6 @@ the 16550 (ttyS1) elsewhere, and both carrying the same agent protocol in real g
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from harness.errors import BadInput
 from harness.kernel import Kernel
 from harness.plan import build_argv, kernel_cmdline
 from harness.profiles import apply_params, load_profile
-from tests.conftest import Cli, meta
+from tests.conftest import Cli, check_golden, meta
 
 GOLDEN = Path(__file__).parent / "golden" / "emulated-virtio-channel-tcg.argv.json"
 BUILT_IN = diagnose("CONFIG_PRINTK=y\nCONFIG_BUG=y\nCONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_CONSOLE=y\n", "config")
@@ -61,9 +60,7 @@ def test_virtio_channel_argv_and_cmdline_match_golden() -> None:
                                "quiet"]
     argv = build_argv("qemu-system-x86_64", profile, "tcg", Path("/k/bzImage"), Path("/k/initrd.cpio"),
                       cmdline, "/sock", "harness-main", channel="virtio")
-    if os.environ.get("HARNESS_REGEN_GOLDEN"):
-        GOLDEN.write_text(json.dumps(argv, indent=1) + "\n")
-    assert argv == json.loads(GOLDEN.read_text()), f"argv changed; regenerate with HARNESS_REGEN_GOLDEN=1 ({GOLDEN})"
+    check_golden(argv, GOLDEN)
     serial = build_argv("qemu-system-x86_64", profile, "tcg", Path("/k/bzImage"), Path("/k/initrd.cpio"),
                         cmdline, "/sock", "harness-main")
     # The same VM otherwise: ttyS1's `-serial chardev:channel` out, the port's two devices in.
