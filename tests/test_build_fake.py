@@ -6,6 +6,7 @@ test_build_inputs.py; what only a real kernel shows, in test_build.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -290,6 +291,61 @@ def test_dropped_options_say_unmet_dependency_or_no_such_symbol(cli: Cli) -> Non
         "CONFIG_SEV_GUEST: requested y, got not set (probably an unmet dependency)",
         "CONFIG_HARNESS_NO_SUCH_OPTION: requested y, got not set (no such option in this tree's Kconfig)"]
     assert "build: warning: CONFIG_SEV_GUEST: requested y" in anyway.stderr
+
+
+LOUD_CONFIG = str(FAKE / "kconfigs" / "loud.config")
+
+
+def test_a_fragment_may_ask_for_an_option_the_series_adds(cli: Cli) -> None:
+    spec = BuildSpec(source=str(TREE), series=str(SERIES / "new-option"), configs=[SAMPLE_CONFIG, LOUD_CONFIG])
+    result = build(spec, progress=lambda _: None)
+    assert result.dropped == []
+    assert "CONFIG_HARNESS_DEMO_LOUD=y" in (result.artifact / "config").read_text()
+    assert "drivers/misc/harness_demo_loud.o" in compiled(result.artifact / "build.log", "build")
+    # Without the series the tree has no such option: dropped, and said so.
+    proc = cli("build", "--source", str(TREE), "--config", SAMPLE_CONFIG, "--config", LOUD_CONFIG)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "CONFIG_HARNESS_DEMO_LOUD: requested y, got not set (no such option in this tree's Kconfig)" in proc.stderr
+    cached_trees_are_clean()
+
+
+def test_per_patch_configures_again_after_a_patch_that_changes_kconfig() -> None:
+    spec = BuildSpec(source=str(TREE), series=str(SERIES / "new-option"), configs=[SAMPLE_CONFIG, LOUD_CONFIG])
+    result = build(spec, per_patch=True, progress=lambda _: None)
+    assert [(s.index, s.status) for s in result.steps] == [(0, "ok"), (1, "ok"), (2, "ok")] and result.dropped == []
+    log = result.artifact / "build.log"
+    # The base has no such option yet (not a dropped option: the series adds it); patch 1
+    # adds it, the configuration is made again and its object compiled; patch 2 changes C only.
+    assert "harness_demo_loud.o" not in " ".join(compiled(log, "base"))
+    # (The fake kbuild compiles everything again after a configuration change; kbuild, what
+    # depends on the options that changed.)
+    assert "drivers/misc/harness_demo_loud.o" in compiled(log, "patch 1/2")
+    assert compiled(log, "patch 2/2") == ["drivers/misc/harness_demo.o"]
+    assert log.read_text().count("\n### tinyconfig: ") == 2
+    assert "CONFIG_HARNESS_DEMO_LOUD=y" in (result.artifact / "config").read_text()
+    # Both configurations are kept: the same per-patch build elsewhere makes neither again.
+    shutil.rmtree(result.artifact)
+    again = build(spec, per_patch=True, progress=lambda _: None)
+    text = (again.artifact / "build.log").read_text()
+    assert "\n### tinyconfig: " not in text and text.count("\n### configure: ") == 2
+    cached_trees_are_clean()
+
+
+def test_a_series_that_changes_kconfig_is_a_new_key_and_one_that_does_not_keeps_its_key() -> None:
+    from harness.build.pipeline import _cache_key
+
+    source = resolve_source(str(TREE))
+    plain = load_series(str(SERIES / "sample"), Path("/nonexistent"))
+    kconfig = load_series(str(SERIES / "new-option"), Path("/nonexistent"))
+    tools = {"cc": "gcc"}
+    key = json.dumps({"format": "build-v2", "source": source.identity, "patches": [p.sha256 for p in plain],
+                      "options": [], "base": "tinyconfig", "tools": tools, "per_patch": False, "arch": "x86_64"},
+                     sort_keys=True)
+    # The key a series that touches no Kconfig had before configure moved after the series.
+    assert _cache_key(source, plain, [], "tinyconfig", tools, False) == hashlib.sha256(key.encode()).hexdigest()[:24]
+    before = json.loads(key) | {"patches": [p.sha256 for p in kconfig]}
+    assert _cache_key(source, kconfig, [], "tinyconfig", tools, False) != hashlib.sha256(
+        json.dumps(before, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def test_the_first_named_base_is_configured(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import BuildSpec, dropped_options, load_fragment, load_series, load_spec, parse_fragment
+from harness.build import BuildSpec, Patch, dropped_options, load_fragment, load_series, load_spec, parse_fragment
+from harness.build.kconfig import kconfig_input, symbols_added
 from harness.errors import BadInput, InfraError
 from harness.process import run
 from tests.conftest import REPO, Cli
@@ -152,6 +153,34 @@ def test_build_spec_errors(tmp_path: Path, text: str, error: str) -> None:
     (tmp_path / "spec.yaml").write_text(text)
     with pytest.raises(BadInput, match=re.escape(error)):
         load_spec(tmp_path / "spec.yaml")
+
+
+# -- what a patch changes ------------------------------------------------------------------
+
+
+def test_a_patch_names_its_files_and_the_kconfig_symbols_it_adds() -> None:
+    new_option = REPO / "tests/fakelinux/series/new-option"
+    first, second = load_series(str(new_option), Path("/nonexistent"))
+    assert first.paths == {"drivers/misc/Kbuild", "drivers/misc/Kconfig", "drivers/misc/harness_demo_loud.c"}
+    assert second.paths == {"drivers/misc/harness_demo.c"}
+    assert symbols_added(first.data) == {"HARNESS_DEMO_LOUD"} and symbols_added(second.data) == set()
+    renamed = Patch("r", "s", "h", b"diff --git a/x/Kconfig b/y/Kconfig\nsimilarity index 100%\n"
+                    b"rename from x/Kconfig\nrename to y/Kconfig\n"
+                    b"diff --git a/gone.c b/gone.c\ndeleted file mode 100644\n--- a/gone.c\n+++ /dev/null\n"
+                    b"@@ -1 +0,0 @@\n-int x;\n")
+    assert renamed.paths == {"x/Kconfig", "y/Kconfig", "gone.c"}
+    assert symbols_added(b"+menuconfig PCI_TSM\n+\tconfig TSM_GUEST\n-config OLD\n+ default y\n") == {
+        "PCI_TSM", "TSM_GUEST"}
+
+
+@pytest.mark.parametrize(("path", "changes_config"), [
+    ("drivers/virt/coco/Kconfig", True), ("arch/x86/Kconfig.cpu", True), ("Kconfig", True),
+    ("kernel/configs/tiny.config", True), ("arch/x86/configs/x86_64_defconfig", True),
+    ("scripts/kconfig/confdata.c", True), ("scripts/Kconfig.include", True), ("Makefile", True),
+    ("drivers/pci/Makefile", False), ("kernel/dma/swiotlb.c", False), ("Documentation/configs.rst", False),
+])
+def test_which_files_change_what_the_config_targets_write(path: str, changes_config: bool) -> None:
+    assert kconfig_input(path) is changes_config
 
 
 # -- the one door to other programs -------------------------------------------------------

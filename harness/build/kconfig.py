@@ -83,6 +83,24 @@ def load_fragment(name: str) -> Fragment:
     return Fragment(path.stem, path, base, options, text)
 
 
+def kconfig_input(path: str) -> bool:
+    """Whether a file can change what make's config targets write: a Kconfig file, a
+    config fragment or defconfig (kernel/configs/, arch/*/configs/), kconfig itself and
+    the scripts its `$(shell,...)` calls run (scripts/), or the top Makefile (which
+    exports the compiler that `$(cc-option,...)` asks)."""
+    name = path.rsplit("/", 1)[-1]
+    return (name.startswith("Kconfig") or path.startswith(("scripts/", "kernel/configs/")) or path == "Makefile"
+            or (path.startswith("arch/") and "/configs/" in path))
+
+
+_DEFINES = re.compile(r"^\+\s*(?:menu)?config\s+(\w+)\s*$", re.M)
+
+
+def symbols_added(patch_text: bytes) -> set[str]:
+    """The Kconfig symbols a patch defines (`+config FOO`, `+menuconfig FOO` lines)."""
+    return {m.group(1) for m in _DEFINES.finditer(patch_text.decode("utf-8", "surrogateescape"))}
+
+
 @dataclass(frozen=True)
 class Dropped:
     option: str
@@ -96,11 +114,12 @@ class Dropped:
 
 
 def dropped_options(fragments: list[Fragment], final: dict[str, str],
-                    has_symbol: Callable[[str], bool]) -> list[Dropped]:
+                    has_symbol: Callable[[str], bool], later: frozenset[str] = frozenset()) -> list[Dropped]:
     """Every option a fragment asked for that the final .config does not hold.
 
     `has_symbol("SEV_GUEST")` says whether the tree's Kconfig defines the
     symbol (without its CONFIG_ prefix); it is asked only for dropped options.
+    `later`: symbols (no prefix) that patches not applied yet define; not dropped yet.
     """
     wanted: dict[str, str] = {}
     for frag in fragments:
@@ -108,7 +127,7 @@ def dropped_options(fragments: list[Fragment], final: dict[str, str],
     out = []
     for option, value in wanted.items():
         actual = final.get(option, "n")
-        if actual != value:
+        if actual != value and option.removeprefix("CONFIG_") not in later:
             out.append(Dropped(option, value, "not set" if actual == "n" else actual,
                                has_symbol(option.removeprefix("CONFIG_"))))
     return out

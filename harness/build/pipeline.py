@@ -22,7 +22,15 @@ from typing import Any
 
 from harness.build.artifact import ARTIFACT_META, FORMAT, locked, publish, sweep_staging, write_meta
 from harness.build.command import run
-from harness.build.kconfig import Dropped, Fragment, dropped_options, load_fragment, read_config
+from harness.build.kconfig import (
+    Dropped,
+    Fragment,
+    dropped_options,
+    kconfig_input,
+    load_fragment,
+    read_config,
+    symbols_added,
+)
 from harness.build.make import (
     ARCH,
     COMPILE_DEADLINE,
@@ -193,13 +201,27 @@ class _Inputs:
         staging = Path(tempfile.mkdtemp(prefix=".art-", dir=artifact.parent))
         (staging / ".owner").write_text(str(os.getpid()))
         job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress,
-                           cache_dir() / "build-history" / f"{config_key}.json")
+                           cache_dir() / "build-history" / f"{config_key}.json",
+                           _Configure(self.fragments, self.base_config, self.allow_dropped, self.source.identity))
         kept_log = artifact.parent / f"{self.key}-failed.log"
         try:
-            with self.phase("configure"):
-                dropped = job.configure(self.fragments, self.base_config, self.allow_dropped, self.source.identity)
-            with self.phase("compile"):
-                steps = job.per_patch(self.patches) if self.per_patch else job.all_patches(self.patches)
+            if self.per_patch:
+                with self.phase("configure"):
+                    job.configure([], self.patches)
+                with self.phase("compile"):
+                    steps = job.per_patch(self.patches)
+            else:
+                # The whole series first: the configuration is made on the tree it builds
+                # (a series may add the Kconfig options its fragments ask for).
+                with self.phase("apply"):
+                    for i, patch in enumerate(self.patches, 1):
+                        tree.apply(patch, i)
+                with self.phase("configure"):
+                    job.configure(self.patches, [])
+                with self.phase("compile"):
+                    job.compile("build")
+                steps = []
+            dropped = job.dropped
             with self.phase("collect"):
                 release = job.collect(staging)
             write_meta(staging, self.source, self.patches, self.fragments, self.tools, release, dropped, steps,
@@ -218,10 +240,29 @@ class _Inputs:
 def _cache_key(source: Source, patches: list[Patch], fragments: list[Fragment], base_config: str,
                tools: dict[str, str], per_patch: bool) -> str:
     """The artifact's name: a hash of everything that goes into the kernel."""
-    key_src = json.dumps({"format": FORMAT, "source": source.identity, "patches": [p.sha256 for p in patches],
-                          "options": _options(fragments), "base": base_config, "tools": tools,
-                          "per_patch": per_patch, "arch": ARCH}, sort_keys=True)
-    return hashlib.sha256(key_src.encode()).hexdigest()[:24]
+    key: dict[str, Any] = {"format": FORMAT, "source": source.identity, "patches": [p.sha256 for p in patches],
+                           "options": _options(fragments), "base": base_config, "tools": tools,
+                           "per_patch": per_patch, "arch": ARCH}
+    if any(_changes_kconfig(p) for p in patches):
+        # Configured after the series (harness 2026-11): before, on the pristine tree, which
+        # a series that changes Kconfig defaults made a different kernel of the same inputs.
+        key["configured"] = "after the series"
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _changes_kconfig(patch: Patch) -> bool:
+    return any(kconfig_input(path) for path in patch.paths)
+
+
+@dataclass(frozen=True)
+class _Configure:
+    """What a build's configuration is made of: a base target, fragments merged over it
+    in order, whether dropped options are allowed, the pristine source's identity."""
+
+    fragments: list[Fragment]
+    base: str
+    allow_dropped: bool
+    source: str
 
 
 def _cached(artifact: Path, start: float, progress: Progress) -> BuildResult | None:
@@ -250,12 +291,15 @@ class _KernelBuild:
     """The make phases of one build: in the (locked) cached tree, out of tree in `out`
     (reused by builds with the same fragments, hence incremental), logged to `log`."""
 
-    def __init__(self, tree: CachedTree, out: Path, log: Path, progress: Progress, record: Path) -> None:
+    def __init__(self, tree: CachedTree, out: Path, log: Path, progress: Progress, record: Path,
+                 settings: _Configure) -> None:
         self.tree = tree
         self.out = out
         self.log = log
         self.progress = progress
         self.record = record     # the last cold compile of this configuration: its objects and pace
+        self.settings = settings
+        self.dropped: list[Dropped] = []
         out.mkdir(exist_ok=True)
 
     def _make(self, *targets: str, label: str, jobs: int | None = None, timeout: float = 600,
@@ -266,42 +310,50 @@ class _KernelBuild:
     def _config(self) -> dict[str, str]:
         return read_config((self.out / ".config").read_text())
 
-    def configure(self, fragments: list[Fragment], base: str, allow_dropped: bool, source: str) -> list[Dropped]:
-        """The base config, the fragments merged over it in order, olddefconfig, and the check
-        that every requested option survived (BadInput unless allow_dropped).
+    def configure(self, applied: list[Patch], pending: list[Patch]) -> None:
+        """The base config, the fragments merged over it in order, olddefconfig, on the tree
+        with `applied` patched in; then the check that every requested option survived
+        (BadInput unless allowed; options that `pending` patches define are not checked
+        yet). Sets `dropped`.
 
-        The result depends only on the pristine source (`source`, its identity) and the
-        options, which name the O= directory: it is kept there, and the next build of
-        this source in it starts from a copy instead of two runs of make. (A copy, as
-        the build's own syncconfig writes to .config what a series' Kconfig adds.)"""
-        kept, stamp = self.out / ".harness-config", self.out / ".harness-config.source"
-        if kept.is_file() and stamp.is_file() and stamp.read_text() == source:
+        The result depends only on the pristine source, the applied patches that change
+        what the config targets read (Kconfig files, kconfig, configs/) and the options,
+        which name the O= directory: it is kept there under a name made of the first two,
+        and the next build of them in it starts from a copy instead of two runs of make.
+        (A copy, as the build's own syncconfig writes to .config.)"""
+        settings = self.settings
+        stamp = json.dumps([settings.source, [p.sha256 for p in applied if _changes_kconfig(p)]])
+        kept = self.out / f".harness-config-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+        for old in (".harness-config", ".harness-config.source"):     # kept by harness versions before 2026-11
+            (self.out / old).unlink(missing_ok=True)
+        if kept.is_file():
             shutil.copyfile(kept, self.out / ".config")
             with open(self.log, "a") as f:
-                f.write(f"\n### configure: {kept} (made by an earlier build of {source} in {self.out})\n")
+                f.write(f"\n### configure: {kept.name} (made by an earlier build of {settings.source} "
+                        f"with the same Kconfig in {self.out})\n")
         else:
-            stamp.unlink(missing_ok=True)
             # With -j: the first make in a new O= directory compiles kconfig's own programs
             # (conf, its lexer and parser), which a serial make did one file at a time.
             jobs = os.cpu_count() or 1
-            status, lines = self._make(base, label=base, jobs=jobs)
+            status, lines = self._make(settings.base, label=settings.base, jobs=jobs)
             if status != 0:
-                raise InfraError(f"make {base} failed: {' | '.join(lines[-3:])}")
+                raise InfraError(f"make {settings.base} failed: {' | '.join(lines[-3:])}")
             with open(self.out / ".config", "a") as f:
-                for frag in fragments:
+                for frag in settings.fragments:
                     f.write(f"\n# --- fragment {frag.path} ---\n{frag.text}\n")
             status, lines = self._make("olddefconfig", label="olddefconfig", jobs=jobs)
             if status != 0:
                 raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
             shutil.copyfile(self.out / ".config", kept)
-            stamp.write_text(source)
-        dropped = dropped_options(fragments, self._config(), self.tree.has_symbol)
-        if dropped and not allow_dropped:
+        later = frozenset().union(*(symbols_added(p.data) for p in pending))
+        dropped = dropped_options(settings.fragments, self._config(), self.tree.has_symbol, later)
+        if dropped and not settings.allow_dropped:
             raise BadInput("config options did not survive olddefconfig: " + "; ".join(map(str, dropped))
                            + " (--allow-dropped to build anyway)")
         for d in dropped:
-            self.progress(f"build: warning: {d}")
-        return dropped
+            if d not in self.dropped:
+                self.progress(f"build: warning: {d}")
+        self.dropped = dropped
 
     def compile(self, label: str) -> list[str]:
         """bzImage (and modules if enabled); BuildFailed with the first compiler errors."""
@@ -325,22 +377,18 @@ class _KernelBuild:
             save_record(self.record, record)
         return lines
 
-    def all_patches(self, patches: list[Patch]) -> list[PatchStep]:
-        """The whole series, then one compile; no per-patch report."""
-        for i, patch in enumerate(patches, 1):
-            self.tree.apply(patch, i)
-        self.compile("build")
-        return []
-
     def per_patch(self, patches: list[Patch]) -> list[PatchStep]:
-        """Build the base, then after each patch in order (ktest's patchcheck); BuildFailed
-        naming the first patch that breaks the build, with the report so far."""
+        """Build the base, then after each patch in order (ktest's patchcheck), configured
+        again after a patch that changes Kconfig; BuildFailed naming the first patch that
+        breaks the build, with the report so far."""
         t = time.monotonic()
         base_warnings = warnings_of(self.compile("base"))
         steps = [PatchStep(0, "(base, no patches)", "ok", [], time.monotonic() - t)]
         for i, patch in enumerate(patches, 1):
             t = time.monotonic()
             self.tree.apply(patch, i)
+            if _changes_kconfig(patch):
+                self.configure(patches[:i], patches[i:])
             try:
                 lines = self.compile(f"patch {i}/{len(patches)}")
             except BuildFailed as e:

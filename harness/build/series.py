@@ -22,6 +22,26 @@ class Patch:
     def to_json(self) -> dict[str, str]:
         return {"file": self.path, "subject": self.subject, "sha256": self.sha256}
 
+    @property
+    def paths(self) -> frozenset[str]:
+        """The files the patch names: both sides of each `diff --git`, `---`/`+++` and
+        rename line (read from its text, without a tree; /dev/null left out)."""
+        text = self.data.decode("utf-8", "surrogateescape")
+        found: set[str] = set()
+        for m in _PATH_LINE.finditer(text):
+            names = m.group(1).split(" b/", 1) if m.group(0).startswith("diff") else [m.group(2)]
+            found.update(_unprefix(n.strip()) for n in names)
+        found.discard("/dev/null")
+        return frozenset(found)
+
+
+# `diff --git a/X b/Y`, `--- a/X`, `+++ b/Y`, `rename from X`, `rename to Y`.
+_PATH_LINE = re.compile(r"^(?:diff --git (.+)|(?:---|\+\+\+|rename from|rename to) (\S+).*)$", re.M)
+
+
+def _unprefix(name: str) -> str:
+    return name[2:] if name[:2] in ("a/", "b/") else name
+
 
 def _subject(data: bytes, fallback: str) -> str:
     m = re.search(rb"^Subject: (.*(?:\n[ \t].*)*)", data, re.M)
