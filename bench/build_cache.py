@@ -8,11 +8,12 @@ Each repetition runs, in rotating order:
   no ccache, as a developer would run it.
 - harness cold: `harness build SPEC` with an empty cache (import included) and an
   empty ccache (CCACHE_DIR fresh: ccache on, as the harness ships, with nothing
-  in it). Its phases (import, configure, compile, collect) come from the
+  in it). Its phases (import, apply, configure, compile, collect) come from the
   artifact's harness-build.json.
-- harness warm tree: the source already imported, nothing built for this config
-  (the artifact and its O= directory removed, a fresh CCACHE_DIR): a new
-  configuration of a source the harness has seen.
+- harness warm tree: the source already imported, nothing compiled for this
+  configuration (the artifact and its O= directory removed, a fresh CCACHE_DIR):
+  what a new series that does not change Kconfig costs on a source and
+  fragments the harness has seen (its .config comes from the cache's configs/).
 
 With `--before CHECKOUT`, an earlier checkout's harness is timed the same way in
 the same repetitions (before and after, side by side). Then, once per harness:
@@ -21,6 +22,15 @@ the same inputs again (a cache hit), and after editing one patch of the series
 to plain make's, of wall time and of CPU time (user + system of all processes).
 The machine may be loaded by other work: read the ratios, measured side by
 side, not the absolute times; CPU time is the less disturbed by other load.
+
+Nothing is deleted while a repetition runs: what a run leaves (an O= directory,
+a cache) is moved aside and deleted after the repetition, followed by a pause
+(`--settle`, default 60 s). On a guest whose freed memory goes back to the
+hypervisor (virtio-balloon free page reporting, as on our 2-core machines), the
+gigabytes of page cache a deletion frees must be faulted back in by whatever
+writes next: `tar -x` of linux-source-6.12 took 36-50 s (sys time 35-50 s)
+right after deleting a kernel tree, 11 s without one, 8 s a minute later. A
+deletion just before a timed run would charge that to the run.
 """
 
 from __future__ import annotations
@@ -86,10 +96,12 @@ class Harness:
 
 
 class Bench:
-    def __init__(self, spec_path: Path, work: Path, harnesses: list[Harness]) -> None:
+    def __init__(self, spec_path: Path, work: Path, harnesses: list[Harness], settle: float) -> None:
         self.spec_path = spec_path
         self.spec = load_spec(spec_path)
         self.work = work
+        self.trash = work / "trash"
+        self.settle = settle
         self.jobs = os.cpu_count() or 1
         self.harnesses = harnesses
         self.plain_runs: list[Timed] = []
@@ -131,14 +143,24 @@ class Bench:
         out.mkdir()
         shutil.copy2(self.config, out / ".config")
         self.plain_runs.append(self.make(out, "bzImage", jobs=self.jobs))
-        shutil.rmtree(out)
+        self.discard(out)
+
+    def discard(self, path: Path) -> None:
+        """Out of the way now (a rename), deleted after the repetition (see the module's doc)."""
+        self.trash.mkdir(exist_ok=True)
+        path.rename(self.trash / f"{len(list(self.trash.iterdir()))}-{path.name}")
+
+    def empty_trash(self) -> None:
+        if self.trash.exists():
+            shutil.rmtree(self.trash)
+            os.sync()
+            print(f"  (deleted what the repetition left; {self.settle:.0f}s pause)", flush=True)
+            time.sleep(self.settle)
 
     def env(self, cache: Path, ccache: Path) -> dict[str, str]:
         return dict(os.environ, HARNESS_CACHE=str(cache), CCACHE_DIR=str(ccache))
 
     def cold_and_warm(self, h: Harness, i: int) -> None:
-        if h.cache != Path():
-            shutil.rmtree(h.cache)
         h.cache = cache = self.work / f"{h.name}-{i}"
         seconds, artifact = h.build(self.spec_path, self.env(cache, cache / "ccache-cold"))
         h.cold.append(seconds)
@@ -148,10 +170,10 @@ class Bench:
         if (artifact / "config").read_text() != self.config.read_text():
             raise SystemExit(f"{h.name}'s .config differs from the plain build's ({artifact / 'config'})")
         # Warm tree: imported, nothing built for this configuration.
-        shutil.rmtree(artifact)
+        self.discard(artifact)
         for out_dir in (cache / "src").glob("*/out-*"):
-            shutil.rmtree(out_dir)
-        shutil.rmtree(cache / "ccache-cold")
+            self.discard(out_dir)
+        self.discard(cache / "ccache-cold")
         seconds, artifact = h.build(self.spec_path, self.env(cache, cache / "ccache-warm"))
         h.warm.append(seconds)
         h.warm_phases.append(json.loads((artifact / "harness-build.json").read_text()).get("phases", {}))
@@ -190,11 +212,13 @@ def main() -> int:
                     help="an earlier checkout of the harness (e.g. `git worktree add /tmp/old COMMIT`) timed beside "
                          "this one in the same repetitions")
     ap.add_argument("--work", type=Path, help="work directory (default: a temporary one, removed at the end)")
+    ap.add_argument("--settle", type=float, default=60.0, metavar="SECONDS",
+                    help="pause after deleting what a repetition left (default 60; see above)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-build-", dir=os.environ.get("BENCH_TMP")))
     work.mkdir(parents=True, exist_ok=True)
     harnesses = [Harness("harness", REPO)] + ([Harness("before", args.before.resolve())] if args.before else [])
-    bench = Bench(args.spec.resolve(), work, harnesses)
+    bench = Bench(args.spec.resolve(), work, harnesses, args.settle)
     try:
         bench.prepare()
         print(f"{args.spec.name}: {bench.jobs} cores, {args.reps} repetitions, work in {work}", flush=True)
@@ -209,6 +233,9 @@ def main() -> int:
             for h in harnesses:
                 print(f"         {h.name}: cold {h.cold[-1]} {h.phases[-1]}", flush=True)
                 print(f"         {h.name}: warm tree {h.warm[-1]} {h.warm_phases[-1]}", flush=True)
+                if i + 1 < args.reps:
+                    bench.discard(h.cache)
+            bench.empty_trash()
         after = {h.name: bench.hit_and_incremental(h) for h in harnesses}
     finally:
         if args.work is None:
@@ -220,7 +247,7 @@ def main() -> int:
         cold, warm = median(h.cold), median(h.warm)
         hit, incremental = after[h.name]
         print(f"{h.name + ':':9} cold build (import, empty ccache):  {cold}  {ratio(cold, plain)}")
-        print(f"{h.name + ':':9} warm tree (imported, new config):   {warm}  {ratio(warm, plain)}")
+        print(f"{h.name + ':':9} warm tree (imported, new series):   {warm}  {ratio(warm, plain)}")
         print(f"{h.name + ':':9} identical inputs (cache hit):       {hit}  {hit.wall / plain.wall:.4f}x")
         print(f"{h.name + ':':9} after editing one patch:            {incremental}  {ratio(incremental, plain)}")
     return 0

@@ -48,7 +48,7 @@ from harness.build.source import CachedTree, Source, import_tree, imported, reso
 from harness.build.spec import BuildSpec
 from harness.errors import BadInput, InfraError, KernelFault
 from harness.hashing import file_sha256
-from harness.paths import cache_dir
+from harness.paths import atomic_write, cache_dir
 
 
 @dataclass
@@ -170,7 +170,7 @@ def _options(fragments: list[Fragment]) -> list[list[tuple[str, str]]]:
 class _Inputs:
     """Everything that goes into one kernel: its cache key, and the make phases that
     turn it into a published artifact in a tree the caller holds locked. `phases`:
-    seconds per phase of this build (lock wait, import, configure, compile, collect),
+    seconds per phase of this build (lock wait, import, reset, apply, configure, compile, collect),
     recorded with the artifact so a slow build says where its time went."""
 
     def __init__(self, source: Source, patches: list[Patch], fragments: list[Fragment], tools: dict[str, str],
@@ -202,7 +202,8 @@ class _Inputs:
         (staging / ".owner").write_text(str(os.getpid()))
         job = _KernelBuild(tree, root / f"out-{config_key}", staging / "build.log", self.progress,
                            cache_dir() / "build-history" / f"{config_key}.json",
-                           _Configure(self.fragments, self.base_config, self.allow_dropped, self.source.identity))
+                           _Configure(self.fragments, self.base_config, self.allow_dropped, self.source.identity,
+                                      self.tools))
         kept_log = artifact.parent / f"{self.key}-failed.log"
         try:
             if self.per_patch:
@@ -257,12 +258,14 @@ def _changes_kconfig(patch: Patch) -> bool:
 @dataclass(frozen=True)
 class _Configure:
     """What a build's configuration is made of: a base target, fragments merged over it
-    in order, whether dropped options are allowed, the pristine source's identity."""
+    in order, whether dropped options are allowed, the pristine source's identity and
+    the toolchain (Kconfig asks the compiler what it supports)."""
 
     fragments: list[Fragment]
     base: str
     allow_dropped: bool
     source: str
+    tools: dict[str, str]
 
 
 def _cached(artifact: Path, start: float, progress: Progress) -> BuildResult | None:
@@ -317,20 +320,23 @@ class _KernelBuild:
         yet). Sets `dropped`.
 
         The result depends only on the pristine source, the applied patches that change
-        what the config targets read (Kconfig files, kconfig, configs/) and the options,
-        which name the O= directory: it is kept there under a name made of the first two,
-        and the next build of them in it starts from a copy instead of two runs of make.
-        (A copy, as the build's own syncconfig writes to .config.)"""
+        what the config targets read (Kconfig files, kconfig, configs/), the base, the
+        options and the toolchain: it is kept in the cache (`configs/`) under a hash of
+        them, and the next build with the same ones (a new series on the same source and
+        fragments, an edited patch, the same configuration in a new O= directory) starts
+        from a copy instead of two runs of make over every Kconfig file. (A copy, as the
+        build's own syncconfig writes to .config.)"""
         settings = self.settings
-        stamp = json.dumps([settings.source, [p.sha256 for p in applied if _changes_kconfig(p)]])
-        kept = self.out / f".harness-config-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+        stamp = json.dumps([settings.source, [p.sha256 for p in applied if _changes_kconfig(p)], settings.base,
+                            _options(settings.fragments), settings.tools, ARCH], sort_keys=True)
+        kept = cache_dir() / "configs" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:24]}.config"
         for old in (".harness-config", ".harness-config.source"):     # kept by harness versions before 2026-11
             (self.out / old).unlink(missing_ok=True)
         if kept.is_file():
             shutil.copyfile(kept, self.out / ".config")
             with open(self.log, "a") as f:
-                f.write(f"\n### configure: {kept.name} (made by an earlier build of {settings.source} "
-                        f"with the same Kconfig in {self.out})\n")
+                f.write(f"\n### configure: {kept} (made by an earlier build of {settings.source} with the same "
+                        "Kconfig, options and toolchain)\n")
         else:
             # With -j: the first make in a new O= directory compiles kconfig's own programs
             # (conf, its lexer and parser), which a serial make did one file at a time.
@@ -344,7 +350,7 @@ class _KernelBuild:
             status, lines = self._make("olddefconfig", label="olddefconfig", jobs=jobs)
             if status != 0:
                 raise InfraError(f"make olddefconfig failed: {' | '.join(lines[-3:])}")
-            shutil.copyfile(self.out / ".config", kept)
+            atomic_write(kept, (self.out / ".config").read_text())
         later = frozenset().union(*(symbols_added(p.data) for p in pending))
         dropped = dropped_options(settings.fragments, self._config(), self.tree.has_symbol, later)
         if dropped and not settings.allow_dropped:
