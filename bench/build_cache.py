@@ -150,12 +150,13 @@ class Bench:
         self.trash.mkdir(exist_ok=True)
         path.rename(self.trash / f"{len(list(self.trash.iterdir()))}-{path.name}")
 
-    def empty_trash(self) -> None:
+    def empty_trash(self, pause: bool = True) -> None:
         if self.trash.exists():
             shutil.rmtree(self.trash)
             os.sync()
-            print(f"  (deleted what the repetition left; {self.settle:.0f}s pause)", flush=True)
-            time.sleep(self.settle)
+            if pause:
+                print(f"  (deleted what the repetition left; {self.settle:.0f}s pause)", flush=True)
+                time.sleep(self.settle)
 
     def env(self, cache: Path, ccache: Path) -> dict[str, str]:
         return dict(os.environ, HARNESS_CACHE=str(cache), CCACHE_DIR=str(ccache))
@@ -204,6 +205,13 @@ def ratio(a: Timed, b: Timed) -> str:
     return f"{a.wall / b.wall:.2f}x (cpu {a.cpu / b.cpu:.2f}x)"
 
 
+def paired(runs: list[Timed], plain: list[Timed]) -> str:
+    """Each repetition's run against that repetition's plain make (the machine's pace
+    drifts between repetitions: a plain make took 207 s in one and 266 s in the next)."""
+    each = [r.wall / p.wall for r, p in zip(runs, plain, strict=True)]
+    return f"paired {statistics.median(each):.2f}x ({', '.join(f'{x:.2f}' for x in each)})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", type=Path, default=REPO / "kernels" / "coco-sample.yaml")
@@ -235,7 +243,7 @@ def main() -> int:
                 print(f"         {h.name}: warm tree {h.warm[-1]} {h.warm_phases[-1]}", flush=True)
                 if i + 1 < args.reps:
                     bench.discard(h.cache)
-            bench.empty_trash()
+            bench.empty_trash(pause=i + 1 < args.reps)
         after = {h.name: bench.hit_and_incremental(h) for h in harnesses}
     finally:
         if args.work is None:
@@ -246,8 +254,10 @@ def main() -> int:
     for h in harnesses:
         cold, warm = median(h.cold), median(h.warm)
         hit, incremental = after[h.name]
-        print(f"{h.name + ':':9} cold build (import, empty ccache):  {cold}  {ratio(cold, plain)}")
-        print(f"{h.name + ':':9} warm tree (imported, new series):   {warm}  {ratio(warm, plain)}")
+        print(f"{h.name + ':':9} cold build (import, empty ccache):  {cold}  {ratio(cold, plain)}  "
+              f"{paired(h.cold, bench.plain_runs)}")
+        print(f"{h.name + ':':9} warm tree (imported, new series):   {warm}  {ratio(warm, plain)}  "
+              f"{paired(h.warm, bench.plain_runs)}")
         print(f"{h.name + ':':9} identical inputs (cache hit):       {hit}  {hit.wall / plain.wall:.4f}x")
         print(f"{h.name + ':':9} after editing one patch:            {incremental}  {ratio(incremental, plain)}")
     return 0

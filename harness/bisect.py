@@ -313,7 +313,8 @@ class _Series:
             patches = self.patches[:prefix]
             try:
                 done = stepper.step(record, self.target(prefix), estimate,
-                                    lambda progress: build(self.spec, patches=patches, progress=progress))
+                                    lambda progress: build(self.spec, patches=patches, progress=progress,
+                                                           later=self.patches[prefix:]))
             finally:
                 save()
             stop_on_abort(done)

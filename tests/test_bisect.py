@@ -146,6 +146,22 @@ def test_the_runtime_fault_of_patch_3_of_4_is_named(tmp_path: Path) -> None:
         "step-01.log", "step-02.log", "step-03.log", "step-04.log"]
 
 
+def test_a_fragment_option_that_a_later_patch_adds_is_not_dropped_at_earlier_steps(tmp_path: Path) -> None:
+    # new-option's patch 1 adds HARNESS_DEMO_LOUD, which loud.config asks for: the base
+    # (step 1) is built without it, not refused as a dropped option.
+    series = tmp_path / "series"
+    shutil.copytree(FAKE / "series" / "new-option", series)
+    second = next(series.glob("0002-*.patch"))
+    second.write_text(second.read_text().replace("Subject: [PATCH 2/2] ", f"Subject: [PATCH 2/2] {FAULT} "))
+    req = request(series, tmp_path / "results")
+    req.configs.append(str(FAKE / "kconfigs" / "loud.config"))
+    code, record, _ = run_bisect(req, FakeRun())
+    assert code == EXIT_OK, record.message
+    assert record.first_bad is not None and record.first_bad.index == 2
+    configs = {s.target.index: Path(s.build.artifact or "", "config").read_text() for s in record.steps if s.build}
+    assert "HARNESS_DEMO_LOUD" not in configs[0] and "CONFIG_HARNESS_DEMO_LOUD=y" in configs[2]
+
+
 def test_a_build_break_in_the_middle_is_skipped_and_the_culprit_still_found(tmp_path: Path) -> None:
     series = write_series(tmp_path, [("swiotlb: one", "/* one */"), ("swiotlb: break", '#error "half a change"'),
                                      ("swiotlb: mend", ""), (f"{FAULT} swiotlb: four", "/* four */"),

@@ -1,5 +1,5 @@
 """nightly/gitlab-ci.example.yml run as it is by gitlab-ci-local (npm registry,
-installed into tools/ by bin/setup): its shell executor with --shell-isolation
+installed into tools/ by bin/setup --tests): its shell executor with --shell-isolation
 gives every job its own copy of the project and passes artifacts between jobs
 the way GitLab does, so the report job merges shard trees that came from other
 job directories. The matrix is tiny: one Debian kernel, `emulated` and `snp`
@@ -50,7 +50,7 @@ def project_copy(where: Path) -> Path:
 
 def gitlab_ci_local(project: Path, *args: str, env: dict[str, str] | None = None,
                     timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    assert GITLAB_CI_LOCAL.is_file(), f"{GITLAB_CI_LOCAL} missing: bin/setup installs it (npm ci in tools/)"
+    assert GITLAB_CI_LOCAL.is_file(), f"{GITLAB_CI_LOCAL} missing: bin/setup --tests installs it (npm ci in tools/)"
     return subprocess.run([str(GITLAB_CI_LOCAL), "--file", PIPELINE, "--no-color", *args], cwd=project,
                           env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 

@@ -1,5 +1,5 @@
 """The HTML comparison report as a person sees it: two real Debian kernels compared,
-the page opened in headless Chromium (Debian's package, installed by bin/setup),
+the page opened in headless Chromium (Debian's package, installed by bin/setup --tests),
 measured by the browser's own layout, and kept as a screenshot.
 
 The screenshot and the page stay after the test, at
@@ -69,7 +69,7 @@ PROBE = '''<script>
 
 def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("chromium")
-    assert exe, "chromium is not installed: bin/setup installs Debian's chromium package"
+    assert exe, "chromium is not installed: bin/setup --tests installs Debian's chromium package"
     # Its crash-report folder and caches go to the profile too, not the user's home.
     env = dict(os.environ, XDG_CONFIG_HOME=str(profile / "config"), XDG_CACHE_HOME=str(profile / "cache"))
     return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,

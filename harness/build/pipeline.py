@@ -95,9 +95,12 @@ def _default_progress() -> Progress:
 
 
 def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
-          progress: Progress | None = None, patches: list[Patch] | None = None) -> BuildResult:
+          progress: Progress | None = None, patches: list[Patch] | None = None,
+          later: list[Patch] | None = None) -> BuildResult:
     """Build (or find in the cache) the kernel for `spec`; `patches`, when given, are
-    built instead of the series `spec` names (a bisect builds prefixes of one).
+    built instead of the series `spec` names (a bisect builds prefixes of one), and
+    `later` are the series' patches after them: a fragment's option that one of those
+    adds is not a dropped option yet.
     `progress` takes the build's lines (default: stderr, with a bar on a terminal).
 
     Raises BadInput (exit 2: missing files, a patch that does not apply, dropped
@@ -113,7 +116,7 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
     if patches is None:
         with tempfile.TemporaryDirectory(prefix="harness-series-") as tmp:
             patches = load_series(spec.series, Path(tmp))
-    job = _Inputs(source, patches, fragments, tools, per_patch, allow_dropped, start, progress)
+    job = _Inputs(source, patches, fragments, tools, per_patch, allow_dropped, start, progress, later or [])
     hit = _cached(job.artifact, start, progress)
     if hit is not None:
         return hit
@@ -174,8 +177,10 @@ class _Inputs:
     recorded with the artifact so a slow build says where its time went."""
 
     def __init__(self, source: Source, patches: list[Patch], fragments: list[Fragment], tools: dict[str, str],
-                 per_patch: bool, allow_dropped: bool, start: float, progress: Progress) -> None:
+                 per_patch: bool, allow_dropped: bool, start: float, progress: Progress,
+                 later: list[Patch] | None = None) -> None:
         self.source, self.patches, self.fragments, self.tools = source, patches, fragments, tools
+        self.later = later or []
         self.per_patch, self.allow_dropped, self.start, self.progress = per_patch, allow_dropped, start, progress
         self.phases: dict[str, float] = {}
         self.base_config = next((f.base for f in fragments if f.base), "tinyconfig")
@@ -208,9 +213,9 @@ class _Inputs:
         try:
             if self.per_patch:
                 with self.phase("configure"):
-                    job.configure([], self.patches)
+                    job.configure([], self.patches + self.later)
                 with self.phase("compile"):
-                    steps = job.per_patch(self.patches)
+                    steps = job.per_patch(self.patches, self.later)
             else:
                 # The whole series first: the configuration is made on the tree it builds
                 # (a series may add the Kconfig options its fragments ask for).
@@ -218,7 +223,7 @@ class _Inputs:
                     for i, patch in enumerate(self.patches, 1):
                         tree.apply(patch, i)
                 with self.phase("configure"):
-                    job.configure(self.patches, [])
+                    job.configure(self.patches, self.later)
                 with self.phase("compile"):
                     job.compile("build")
                 steps = []
@@ -383,7 +388,7 @@ class _KernelBuild:
             save_record(self.record, record)
         return lines
 
-    def per_patch(self, patches: list[Patch]) -> list[PatchStep]:
+    def per_patch(self, patches: list[Patch], later: list[Patch]) -> list[PatchStep]:
         """Build the base, then after each patch in order (ktest's patchcheck), configured
         again after a patch that changes Kconfig; BuildFailed naming the first patch that
         breaks the build, with the report so far."""
@@ -394,7 +399,7 @@ class _KernelBuild:
             t = time.monotonic()
             self.tree.apply(patch, i)
             if _changes_kconfig(patch):
-                self.configure(patches[:i], patches[i:])
+                self.configure(patches[:i], patches[i:] + later)
             try:
                 lines = self.compile(f"patch {i}/{len(patches)}")
             except BuildFailed as e:
