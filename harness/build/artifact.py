@@ -23,7 +23,7 @@ from harness.hashing import file_sha256
 from harness.process import alive
 
 if TYPE_CHECKING:
-    from harness.build.pipeline import PatchStep
+    from harness.build.kernelbuild import PatchStep
 
 FORMAT = "build-v2"
 ARTIFACT_META = "harness-build.json"
