@@ -88,7 +88,7 @@ def build(spec: BuildSpec, per_patch: bool = False, allow_dropped: bool = False,
     if patches is None:
         with tempfile.TemporaryDirectory(prefix="harness-series-") as tmp:
             patches = load_series(spec.series, Path(tmp))
-    job = _Inputs(source, patches, fragments, tools, per_patch, allow_dropped, start, progress, later or [])
+    job = _Inputs(source, patches, fragments, tools, per_patch, allow_dropped, start, progress, later)
     hit = _cached(job.artifact, start, progress)
     if hit is not None:
         return hit

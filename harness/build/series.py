@@ -6,6 +6,7 @@ import hashlib
 import re
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from harness.build.command import git, run
@@ -22,10 +23,10 @@ class Patch:
     def to_json(self) -> dict[str, str]:
         return {"file": self.path, "subject": self.subject, "sha256": self.sha256}
 
-    @property
+    @cached_property
     def paths(self) -> frozenset[str]:
         """The files the patch names: both sides of each `diff --git`, `---`/`+++` and
-        rename line (read from its text, without a tree; /dev/null left out)."""
+        rename line (read from its text once, without a tree; /dev/null left out)."""
         text = self.data.decode("utf-8", "surrogateescape")
         found: set[str] = set()
         for m in _PATH_LINE.finditer(text):
